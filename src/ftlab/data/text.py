@@ -1,0 +1,299 @@
+"""Text classification data: read a source, split, sample, tokenize once (cached on disk), pad per batch."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ftlab.data import sampling
+from ftlab.data.labels import TASKS, LabelMap
+from ftlab.data.samplers import SeededShuffleSampler
+from ftlab.data.sources import SPLITS, load_text_source, require_columns
+from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextPreprocessing:
+    """What the data side needs from a text backbone: its tokenizer and the longest input it accepts."""
+
+    tokenizer: str
+    max_length: int
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"The tokenizer of {name_or_path!r} could not be loaded: {err}. Offline, a hub name works only from a warm "
+            "HF cache; pass a local model folder (model.backbone.name_or_path=/path/to/model) or use model=minilm."
+        ) from err
+
+
+class TokenizedText(Dataset):
+    """Variable-length token ids stored flat (``ids[offsets[i]:offsets[i+1]]``) with their labels."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray):
+        self.ids, self.offsets = arrays["input_ids"], arrays["offsets"]
+        self.type_ids = arrays.get("token_type_ids")
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def length(self, index: int) -> int:
+        return int(self.offsets[index + 1] - self.offsets[index])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        start, end = self.offsets[index], self.offsets[index + 1]
+        item = {"input_ids": self.ids[start:end], "labels": self.labels[index]}
+        if self.type_ids is not None:
+            item["token_type_ids"] = self.type_ids[start:end]
+        return item
+
+
+class PadCollator:
+    """Pads a batch to its longest sequence (dynamic padding) and builds the attention mask.
+
+    Written here rather than ``transformers.DataCollatorWithPadding``: that one goes through ``tokenizer.pad``
+    example by example in Python, which costs more than a forward pass of a small model on these CPUs.
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(items), width), dtype=np.int64)
+        for row, item in enumerate(items):
+            ids[row, : len(item["input_ids"])] = item["input_ids"]
+            mask[row, : len(item["input_ids"])] = 1
+        batch = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+        if "token_type_ids" in items[0]:
+            types = np.zeros((len(items), width), dtype=np.int64)
+            for row, item in enumerate(items):
+                types[row, : len(item["token_type_ids"])] = item["token_type_ids"]
+            batch["token_type_ids"] = torch.from_numpy(types)
+        batch["labels"] = torch.as_tensor(np.asarray([item["labels"] for item in items]))
+        return batch
+
+
+def _fingerprint(*parts: str | bytes) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\x00")
+    return digest.hexdigest()[:24]
+
+
+def tokenize_cached(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int, cache_dir: Path | None
+) -> dict[str, np.ndarray]:
+    """Token ids of ``texts`` (and ``pairs``), read from or written to ``cache_dir``.
+
+    The cache key covers everything the ids depend on: the full tokenizer definition (vocab, normalizer, special
+    tokens: ``backend_tokenizer.to_str()``), ``max_length`` and every text, so a stale entry is never used.
+    """
+    tokenizer_id = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer)
+    key = _fingerprint(tokenizer_id, str(max_length), "\x01".join(texts), "\x01".join(pairs) if pairs else "-")
+    path = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
+    if path is not None and path.exists():
+        with np.load(path) as cached:
+            return dict(cached)
+    encoded = tokenizer(
+        texts, pairs, truncation=True, max_length=max_length, return_attention_mask=False,
+        return_token_type_ids=pairs is not None,
+    )
+    lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+    arrays = {
+        "input_ids": np.concatenate([np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]),
+    }
+    if pairs is not None:
+        arrays["token_type_ids"] = np.concatenate([np.asarray(t, dtype=np.int8) for t in encoded["token_type_ids"]])
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: concurrent jobs of a sweep may write the same entry
+    return arrays
+
+
+class TextClassificationDataModule(pl.LightningDataModule):
+    """Single texts or text pairs with a class (or a number, ``task=regression``) each.
+
+    Args:
+        preprocessing: the backbone's :class:`TextPreprocessing` (tokenizer location, longest input).
+        source: an embedded dataset (``rotten_tomatoes``, ``debates_2016``), ``files`` or ``hf_hub``.
+        train_file, validation_file, test_file: tables for ``source=files`` (CSV/TSV/JSONL/Parquet).
+        hub_name, hub_config, hub_splits: an HF hub dataset for ``source=hf_hub`` (needs internet or a warm cache).
+        text_column, text_pair_column, label_column: columns of the tables.
+        labels: keep only these labels, in this order (default: all labels of the training split, sorted).
+        task: ``classification`` or ``regression``.
+        val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
+        max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
+        max_length: truncation length in tokens (at most the backbone's limit).
+        batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
+        cache_dir: where tokenized splits are cached (``null``: no cache).
+    """
+
+    def __init__(
+        self,
+        preprocessing: TextPreprocessing,
+        source: str = "rotten_tomatoes",
+        train_file: str | None = None,
+        validation_file: str | None = None,
+        test_file: str | None = None,
+        hub_name: str | None = None,
+        hub_config: str | None = None,
+        hub_splits: dict[str, str] | None = None,
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        label_column: str = "label",
+        labels: list[Any] | None = None,
+        task: str = "classification",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_train_examples: int | None = None,
+        examples_per_class: int | None = None,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise ConfigError(f"data.task={task!r} is not supported; use one of {', '.join(TASKS)}.")
+        if max_length > preprocessing.max_length:
+            raise ConfigError(
+                f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
+            )
+        self.preprocessing = preprocessing
+        self.source_args = dict(
+            source=source, train_file=train_file, validation_file=validation_file, test_file=test_file,
+            hub_name=hub_name, hub_config=hub_config, hub_splits=hub_splits, cache_dir=cache_dir,
+        )
+        self.columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+        self.keep_labels, self.task = labels, task
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
+        self.max_length, self.seed = max_length, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self.label_map: LabelMap | None = None
+        self.datasets: dict[str, TokenizedText] = {}
+        self.collate: PadCollator | None = None
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        assert self.label_map is not None
+        return self.label_map.num_classes
+
+    @property
+    def label_names(self) -> list[str] | None:
+        self.setup()
+        assert self.label_map is not None
+        return self.label_map.names
+
+    def _split(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """Hold out validation/test from train when the source lacks them; then subset the training split."""
+        train = tables["train"].reset_index(drop=True)
+        label = self.columns["label_column"]
+        stratify_on = train[label].astype(str).to_numpy() if self.task == "classification" else train[label].to_numpy()
+        total = len(train)
+        for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
+            if split not in tables:  # fractions are of the whole source, not of what the previous split left
+                key = f"data.{split[:3] if split == 'validation' else split}_fraction"
+                rest, held = sampling.split_off(stratify_on, min(fraction * total / len(train), 0.99), self.seed, key)
+                tables[split] = train.iloc[held].reset_index(drop=True)
+                train, stratify_on = train.iloc[rest].reset_index(drop=True), stratify_on[rest]
+        if self.examples_per_class is not None:
+            keep = sampling.few_shot(stratify_on, self.examples_per_class, self.seed)
+            train, stratify_on = train.iloc[keep].reset_index(drop=True), stratify_on[keep]
+        if self.max_train_examples is not None:
+            train = train.iloc[sampling.subsample(stratify_on, self.max_train_examples, self.seed)]
+        tables["train"] = train.reset_index(drop=True)
+        return tables
+
+    def _clean(self, frame: pd.DataFrame, split: str) -> pd.DataFrame:
+        text, pair, label = (self.columns[k] for k in ("text_column", "text_pair_column", "label_column"))
+        require_columns(frame, self.columns, split)
+        used = [c for c in (text, pair, label) if c is not None]
+        clean = frame.dropna(subset=used)
+        if len(clean) < len(frame):
+            log.warning("Dropped %d %s rows with an empty %s.", len(frame) - len(clean), split, "/".join(used))
+        if self.keep_labels is not None and self.task == "classification":
+            wanted = {str(v) for v in self.keep_labels}
+            clean = clean[clean[label].astype(str).isin(wanted)]
+        if clean.empty:
+            raise DataError(
+                f"The {split} data is empty after dropping rows without {'/'.join(used)}"
+                + (f" and keeping data.labels={list(self.keep_labels)}" if self.keep_labels is not None else "")
+                + ". Check the file and the column names."
+            )
+        return clean
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.label_map is not None:
+            return
+        tables = load_text_source(**self.source_args)
+        tables = {split: self._clean(frame, split) for split, frame in tables.items()}
+        tables = self._split(tables)
+        label = self.columns["label_column"]
+        self.label_map = LabelMap.from_train(tables["train"][label].tolist(), self.task, self.keep_labels)
+        tokenizer = load_tokenizer(self.preprocessing.tokenizer)
+        self.collate = PadCollator(tokenizer.pad_token_id or 0)
+        for split in SPLITS:
+            frame = tables[split]
+            labels = self.label_map.encode(frame[label].tolist(), split, f"data.label_column={label!r}")
+            pair_column = self.columns["text_pair_column"]
+            texts = frame[self.columns["text_column"]].astype(str).tolist()
+            pairs = frame[pair_column].astype(str).tolist() if pair_column else None
+            arrays = tokenize_cached(tokenizer, texts, pairs, self.max_length, self.cache_dir)
+            self.datasets[split] = TokenizedText(arrays, labels)
+        sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
+        log.info("Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self.datasets[split]
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            sampler=SeededShuffleSampler(len(dataset), self.seed, epoch) if shuffle else None,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.label_map.to_dict() if self.label_map else None}

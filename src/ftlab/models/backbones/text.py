@@ -1,0 +1,114 @@
+"""HF transformer encoders (BERT family and friends) as ftlab backbones."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftlab.data.text import TextPreprocessing
+from ftlab.utils import assets
+from ftlab.utils.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+POOLING = ("cls", "mean", "pooler")
+# Where encoder families keep their stack of blocks, tried in order; the longest ModuleList is the fall-back.
+LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer")
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+class HFTextBackbone(nn.Module):
+    """An ``AutoModel`` encoder from a local folder, a hub name or ``embedded:<name>``, pooled to one vector.
+
+    Args:
+        name_or_path: hub name, local folder, or ``embedded:all-MiniLM-L6-v2``.
+        pooling: ``cls`` (first token), ``mean`` (mask-aware mean of the last layer), ``pooler`` (the model's
+            pooler; only then is the pooler kept, so no parameter is left without a gradient).
+        pretrained: load weights; ``False`` builds the architecture with random weights (tiny test twins).
+        config_overrides: changes to the model config (layer count, width, dropout, ...).
+        trust_remote_code: passed to transformers; off unless the user turns it on.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        pooling: str = "mean",
+        pretrained: bool = True,
+        config_overrides: dict[str, Any] | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        super().__init__()
+        if pooling not in POOLING:
+            raise ConfigError(f"model.backbone.pooling={pooling!r} is not one of {', '.join(POOLING)}.")
+        from transformers import AutoConfig, AutoModel
+
+        self.name_or_path, self.pooling = name_or_path, pooling
+        path = assets.resolve(name_or_path)
+        try:
+            config = AutoConfig.from_pretrained(
+                path, revision=revision, trust_remote_code=trust_remote_code, **(config_overrides or {})
+            )
+            if pretrained:
+                # dtype=float32: an fp16 checkpoint would otherwise load as fp16 (transformers 5)
+                model = AutoModel.from_pretrained(
+                    path, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32
+                )
+            else:
+                model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+        except OSError as err:
+            raise ModelLoadError(
+                f"model.backbone.name_or_path={name_or_path!r} could not be loaded: {err}. Without internet a hub "
+                "name loads only from a warm HF cache: pass a local folder with config.json and weights "
+                "(model.backbone.name_or_path=/path/to/model) or use model=minilm (embedded)."
+            ) from err
+        if pooling != "pooler" and getattr(model, "pooler", None) is not None:
+            model.pooler = None  # unused by cls/mean pooling: drop it instead of training nothing
+        self.model = model
+        self.out_features: int = config.hidden_size
+        accepted = inspect.signature(model.forward).parameters
+        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+        limit = getattr(config, "max_position_embeddings", 512) or 512
+        self.preprocessing = TextPreprocessing(tokenizer=path, max_length=int(limit))
+
+    def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
+        """``embeddings``, ``layer.0`` ... ``layer.{n-1}``, then ``pooler`` if kept; leftovers join the top layer."""
+        model = self.model
+        layers = next((_get(model, p) for p in LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
+        if layers is None:
+            lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+            layers = max(lists, key=len) if lists else nn.ModuleList()
+        embeddings = getattr(model, "embeddings", None) or model.get_input_embeddings()
+        groups: list[tuple[str, list[nn.Module]]] = [("embeddings", [embeddings])]
+        groups += [(f"layer.{i}", [block]) for i, block in enumerate(layers)]
+        if getattr(model, "pooler", None) is not None:
+            groups.append(("pooler", [model.pooler]))
+        grouped = {id(p) for _, modules in groups for m in modules for p in m.parameters()}
+        leftovers = [m for m in model.children() if not any(id(p) in grouped for p in m.parameters())]
+        leftovers = [m for m in leftovers if any(True for _ in m.parameters())]
+        if leftovers:  # e.g. DeBERTa's relative embeddings or a final norm: train them with the top layer
+            name, modules = groups[-1]
+            groups[-1] = (name, modules + leftovers)
+        return groups
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``batch`` holds the tokenizer's outputs; returns pooled features of shape (batch, hidden)."""
+        out = self.model(**{k: batch[k] for k in self.input_names if k in batch})
+        if self.pooling == "pooler":
+            return out.pooler_output
+        hidden = out.last_hidden_state  # (B, T, H)
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

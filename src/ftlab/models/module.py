@@ -1,0 +1,158 @@
+"""The training system: backbone + head + fine-tuning policy, loss, metrics and optimizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import nn
+from torch.nn import functional as F
+
+from ftlab.finetuning.groups import (
+    build_groups,
+    count_parameters,
+    optimizer_param_groups,
+    set_frozen_modes,
+    set_trainable,
+)
+from ftlab.finetuning.policy import FinetunePolicy
+from ftlab.utils.errors import ConfigError
+
+STAGES = ("train", "val", "test")
+
+
+def make_metrics(num_classes: int) -> torchmetrics.MetricCollection:
+    """Accuracy, macro F1/precision/recall for classification; MSE/MAE/R² for regression (``num_classes == 1``)."""
+    if num_classes == 1:
+        return torchmetrics.MetricCollection(
+            {"mse": torchmetrics.MeanSquaredError(), "mae": torchmetrics.MeanAbsoluteError(), "r2": torchmetrics.R2Score()}
+        )
+    kw: dict[str, Any] = {"task": "multiclass", "num_classes": num_classes}
+    return torchmetrics.MetricCollection(
+        {
+            "acc": torchmetrics.Accuracy(**kw, average="micro"),
+            "f1": torchmetrics.F1Score(**kw, average="macro"),
+            "precision": torchmetrics.Precision(**kw, average="macro"),
+            "recall": torchmetrics.Recall(**kw, average="macro"),
+        }
+    )
+
+
+class ClassificationModule(pl.LightningModule):
+    """Classification (cross-entropy) or regression (MSE, ``num_classes == 1``) on top of any ftlab backbone.
+
+    Args:
+        backbone, head: plain ``nn.Module`` s; the backbone provides ``layer_groups()``.
+        policy: which groups train and at which LR (:class:`~ftlab.finetuning.FinetunePolicy`).
+        optimizer: a partial optimizer (``lr`` and ``weight_decay`` as its keywords) completed with parameter groups.
+        scheduler: a partial of :mod:`ftlab.models.schedules` completed with the optimizer and step count, or None.
+        num_classes: the head's outputs; 1 means regression.
+        label_smoothing: for cross-entropy.
+        label_names: saved in the checkpoint so evaluation and prediction name classes as training did.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        policy: FinetunePolicy,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., dict[str, Any]] | None = None,
+        num_classes: int = 2,
+        label_smoothing: float = 0.0,
+        label_names: list[str] | None = None,
+    ):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"module.label_smoothing={label_smoothing} must be in [0, 1).")
+        self.save_hyperparameters(ignore=["backbone", "head", "policy", "optimizer", "scheduler"])
+        self.backbone, self.head, self.policy = backbone, head, policy
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.groups = build_groups(backbone, head)
+        self.group_names = [g.name for g in self.groups]
+        policy.check(self.group_names)
+        self.frozen: set[str] = set()
+        self.apply_policy(epoch=0)
+        # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": make_metrics(num_classes) for stage in STAGES})
+        self.regression = num_classes == 1
+
+    # --- fine-tuning policy -------------------------------------------------------------------------------------
+    def apply_policy(self, epoch: int) -> None:
+        """Freeze/unfreeze groups for ``epoch``; a function of the epoch only, so resume lands in the same state."""
+        self.frozen = self.policy.frozen(self.group_names, epoch)
+        set_trainable(self.groups, self.frozen)
+        if self.training:
+            self.train(True)
+
+    def train(self, mode: bool = True) -> ClassificationModule:
+        super().train(mode)
+        if mode:  # Module.train() turned every submodule to train mode: frozen groups go back to eval
+            set_frozen_modes(self.groups, self.frozen, self.policy.train_bn, self.policy.frozen_dropout)
+        return self
+
+    def parameter_counts(self) -> dict[str, float]:
+        return count_parameters(self.groups)
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_policy(self.current_epoch)
+
+    # --- steps --------------------------------------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of shape (B, num_classes); (B,) for regression."""
+        logits = self.head(self.backbone(batch))
+        return logits.squeeze(-1) if self.regression else logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.regression:
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        loss = self.loss(logits, batch["labels"])
+        # metric state is updated per step and computed (and synced across ranks) once per epoch
+        self.metrics[f"{stage}_metrics"].update(logits.detach() if self.regression else logits.detach().argmax(-1), batch["labels"])
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, batch_size=len(logits))
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        values = self.metrics[f"{stage}_metrics"].compute()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        self.metrics[f"{stage}_metrics"].reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    # --- optimization -------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        keywords = getattr(self.optimizer_factory, "keywords", {})
+        if "lr" not in keywords:
+            raise ConfigError("optimizer.lr is not set: the optimizer config must give a learning rate.")
+        params = optimizer_param_groups(
+            self.groups, keywords["lr"], keywords.get("weight_decay", 0.0), self.policy.lr_scales(self.group_names)
+        )
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

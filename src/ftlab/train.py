@@ -1,0 +1,105 @@
+"""``ftlab-train``: fine-tune a pretrained backbone on one dataset, test the best checkpoint, write the run record.
+
+Read top to bottom: seed, backbone, data, head, policy, module, trainer, fit, test, record.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ftlab.callbacks import BestScore, EpochSeed
+from ftlab.models.module import ClassificationModule
+from ftlab.utils import runs
+from ftlab.utils.errors import FtlabError
+
+log = logging.getLogger("ftlab.train")
+
+
+def _overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment described by ``cfg``; returns the metrics also written to ``metrics.json``."""
+    start = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = runs.resume_checkpoint(output_dir) if cfg.get("resume") else None
+    if ckpt_path is None:
+        runs.check_fresh(output_dir)
+
+    pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
+    backbone = instantiate(cfg.model.backbone)
+    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    datamodule.setup("fit")  # the number of classes is known only once the data is read
+    head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
+    module = ClassificationModule(
+        backbone, head, instantiate(cfg.finetune),
+        optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        num_classes=datamodule.num_classes, label_names=datamodule.label_names, **cfg.module,
+    )
+    datamodule.label_map.save(output_dir / runs.LABELS_FILE)
+    counts = module.parameter_counts()
+    log.info("Trainable parameters: %d of %d (%.2f%%)", counts["trainable_params"], counts["total_params"],
+             100 * counts["trainable_fraction"])
+
+    best = BestScore(cfg.monitor, cfg.monitor_mode)
+    callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
+    loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    has_best = trainer.checkpoint_callback is not None and bool(trainer.checkpoint_callback.best_model_path)
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
+    metrics: dict[str, Any] = dict(tested[0]) if tested else {}
+    metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
+    metrics.update(counts)
+    metrics.update(wall_time_s=round(time.perf_counter() - start, 2), seed=cfg.seed, overrides=_overrides())
+    runs.write_metrics(output_dir / runs.METRICS_FILE, metrics)
+    _summary(metrics, output_dir)
+    return metrics
+
+
+def _summary(metrics: dict[str, Any], output_dir: Path) -> None:
+    shown = {k: v for k, v in metrics.items() if k.startswith("test/") or k.startswith("best/")}
+    lines = [f"  {k:<16} {v:.4f}" if isinstance(v, float) else f"  {k:<16} {v}" for k, v in shown.items()]
+    print("\nftlab run finished\n" + "\n".join(lines) + f"\n  run folder       {output_dir}\n", flush=True)
+
+
+# conf/ sits at the repository root (the design card's layout); ftlab is installed editable (`make install`).
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except FtlabError as err:
+        runs.print_error(err)
+        sys.exit(2)
+    value = metrics.get(f"best/{cfg.monitor}")
+    return float(value) if value is not None else None
+
+
+def main() -> None:
+    """Console entry point; ``resume=<run folder>`` continues that run with its own config."""
+    try:
+        sys.argv = [sys.argv[0], *runs.resume_argv(sys.argv[1:])]
+    except FtlabError as err:
+        runs.print_error(err)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

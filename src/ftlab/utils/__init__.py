@@ -1,0 +1,1 @@
+"""Small helpers used by more than one part of ftlab."""

@@ -1,0 +1,79 @@
+"""The run folder contract (see README, "Run folder"): what a run writes, and reading it back."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from ftlab.utils.errors import ConfigError, DataFileError
+
+METRICS_FILE = "metrics.json"
+LABELS_FILE = "labels.json"
+LAST_CKPT = "checkpoints/last.ckpt"
+BEST_CKPT = "checkpoints/best.ckpt"
+
+
+def check_fresh(output_dir: Path) -> None:
+    """Refuse to train into a folder that already holds a run's results (they would be overwritten)."""
+    taken = [name for name in (METRICS_FILE, LAST_CKPT, BEST_CKPT) if (output_dir / name).exists()]
+    if taken:
+        raise ConfigError(
+            f"The run folder {output_dir} already holds {', '.join(taken)}. A new run never overwrites one: "
+            f"choose another hydra.run.dir, or continue that run with resume={output_dir}."
+        )
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    ckpt = run_dir / LAST_CKPT
+    if not ckpt.is_file():
+        raise DataFileError(f"resume={run_dir}: there is no {LAST_CKPT} to continue from.")
+    return ckpt
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Rewrite ``resume=<run folder> [overrides]`` to compose that run's saved config in that folder.
+
+    The saved ``.hydra/config.yaml`` is the config, the run folder is the output folder, and Hydra writes no new
+    ``.hydra`` files there, so the record of the original overrides stays as it was.
+    """
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not values or values[-1] in ("", "null") or "-m" in argv or "--multirun" in argv:
+        return argv
+    run_dir = Path(values[-1]).expanduser().resolve()
+    config = run_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        raise DataFileError(f"resume={values[-1]}: {config} does not exist; give the folder of an ftlab run.")
+    rest = [a for a in argv if not a.startswith("resume=")]
+    return [
+        "--config-path", str(config.parent), "--config-name", "config",
+        f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}", *rest,
+    ]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write atomically: a reader (``ftlab-report``, a resumed sweep) never sees half a file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise DataFileError(f"{run_dir} has no {METRICS_FILE}: the run did not finish.")
+    return json.loads(path.read_text())
+
+
+def print_error(err: BaseException) -> None:
+    print(f"\nftlab: error: {err}\n", file=sys.stderr)
