@@ -27,8 +27,14 @@ class EpochSeed(Callback):
 
     def __init__(self, seed: int):
         self.seed = seed
+        self._seeded_epoch: int | None = None
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # At the first batch rather than in on_train_epoch_start: Lightning skips that hook for the first epoch
+        # of a run resumed from a checkpoint written at the end of the previous epoch.
+        if self._seeded_epoch == trainer.current_epoch:
+            return
+        self._seeded_epoch = trainer.current_epoch
         epoch_seed = (self.seed * 1_000_003 + trainer.current_epoch) % 2**32
         random.seed(epoch_seed)
         np.random.seed(epoch_seed)
@@ -76,7 +82,9 @@ class LogProgress(ProgressBar):
         self._enabled = True
 
     def _line(self, trainer: pl.Trainer, prefix: str) -> None:
-        metrics = {k: v for k, v in self.get_metrics(trainer, trainer.lightning_module).items() if k != "v_num"}
+        metrics = {
+            k: v for k, v in self.get_metrics(trainer, trainer.lightning_module).items() if k != "v_num"
+        }
         shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         log.info("%s %s (%.0f s)", prefix, shown, time.perf_counter() - self._start)
 

@@ -15,7 +15,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.models.module import ClassificationModule
@@ -25,7 +25,11 @@ from ftlab.utils.errors import FtlabError
 log = logging.getLogger("ftlab.train")
 
 
-def _overrides() -> list[str]:
+def _overrides(output_dir: Path, resumed: bool) -> list[str]:
+    """The overrides that define the run; for a resumed run, those of its first start (its .hydra record)."""
+    saved = output_dir / ".hydra" / "overrides.yaml"
+    if resumed and saved.is_file():
+        return list(OmegaConf.load(saved))
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
@@ -44,14 +48,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # the number of classes is known only once the data is read
     head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
     module = ClassificationModule(
-        backbone, head, instantiate(cfg.finetune),
-        optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-        num_classes=datamodule.num_classes, label_names=datamodule.label_names, **cfg.module,
+        backbone,
+        head,
+        instantiate(cfg.finetune),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        num_classes=datamodule.num_classes,
+        label_names=datamodule.label_names,
+        **cfg.module,
     )
     datamodule.label_map.save(output_dir / runs.LABELS_FILE)
     counts = module.parameter_counts()
-    log.info("Trainable parameters: %d of %d (%.2f%%)", counts["trainable_params"], counts["total_params"],
-             100 * counts["trainable_fraction"])
+    log.info(
+        "Trainable parameters: %d of %d (%.2f%%)",
+        counts["trainable_params"],
+        counts["total_params"],
+        100 * counts["trainable_fraction"],
+    )
 
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
@@ -60,11 +73,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     has_best = trainer.checkpoint_callback is not None and bool(trainer.checkpoint_callback.best_model_path)
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
+    tested = trainer.test(
+        module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False
+    )
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
     metrics.update(counts)
-    metrics.update(wall_time_s=round(time.perf_counter() - start, 2), seed=cfg.seed, overrides=_overrides())
+    metrics.update(
+        wall_time_s=round(time.perf_counter() - start, 2),
+        seed=cfg.seed,
+        overrides=_overrides(output_dir, ckpt_path is not None),
+    )
     runs.write_metrics(output_dir / runs.METRICS_FILE, metrics)
     _summary(metrics, output_dir)
     return metrics
@@ -84,8 +103,11 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
-    except FtlabError as err:
-        runs.print_error(err)
+    except Exception as err:
+        user = runs.user_error(err)
+        if user is None:
+            raise
+        runs.print_error(user)
         sys.exit(2)
     value = metrics.get(f"best/{cfg.monitor}")
     return float(value) if value is not None else None
@@ -94,6 +116,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """Console entry point; ``resume=<run folder>`` continues that run with its own config."""
     try:
+        runs.refuse_taken_run_dir(sys.argv[1:])
         sys.argv = [sys.argv[0], *runs.resume_argv(sys.argv[1:])]
     except FtlabError as err:
         runs.print_error(err)

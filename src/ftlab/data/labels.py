@@ -33,7 +33,9 @@ class LabelMap:
         self._ids = {name: i for i, name in enumerate(self.names or [])}
 
     @classmethod
-    def from_train(cls, values: Sequence[object], task: str, keep: Sequence[object] | None = None) -> LabelMap:
+    def from_train(
+        cls, values: Sequence[object], task: str, keep: Sequence[object] | None = None
+    ) -> LabelMap:
         """Names sorted as numbers when they all are, else as strings; ``keep`` fixes the set and order."""
         if task == "regression":
             return cls(None, task)
@@ -56,7 +58,9 @@ class LabelMap:
             try:
                 return np.asarray(values, dtype=np.float32)
             except (TypeError, ValueError) as err:
-                raise DataError(f"{key}: task=regression needs numeric labels in the {split} data ({err}).") from err
+                raise DataError(
+                    f"{key}: task=regression needs numeric labels in the {split} data ({err})."
+                ) from err
         names = [_name(v) for v in values]
         unseen = sorted({n for n in names if n not in self._ids})
         if unseen:

@@ -34,7 +34,9 @@ def split_off(labels: np.ndarray, fraction: float, seed: int, key: str) -> tuple
     n_split = max(1, round(fraction * len(labels)))
     if n_split >= len(labels):
         raise ConfigError(f"{key}={fraction} leaves no examples out of {len(labels)}; lower it.")
-    rest, held = train_test_split(index, test_size=n_split, random_state=seed, stratify=_stratify(labels, n_split))
+    rest, held = train_test_split(
+        index, test_size=n_split, random_state=seed, stratify=_stratify(labels, n_split)
+    )
     return np.sort(rest), np.sort(held)
 
 
@@ -57,6 +59,8 @@ def few_shot(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     for value in np.unique(labels):
         members = np.flatnonzero(labels == value)
         if len(members) < per_class:
-            log.warning("Class %s has only %d examples (< examples_per_class=%d).", value, len(members), per_class)
+            log.warning(
+                "Class %s has only %d examples (< examples_per_class=%d).", value, len(members), per_class
+            )
         chosen.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
     return np.sort(np.concatenate(chosen))

@@ -65,17 +65,25 @@ def read_table(path: str | Path, key: str) -> pd.DataFrame:
         raise DataFileError(f"{key}={str(path)!r} could not be read as {fmt}: {err}") from err
 
 
-def load_files(train_file: str | None, validation_file: str | None, test_file: str | None) -> dict[str, pd.DataFrame]:
+def load_files(
+    train_file: str | None, validation_file: str | None, test_file: str | None
+) -> dict[str, pd.DataFrame]:
     if not train_file:
-        raise ConfigError("data.train_file is not set: data=text_files needs data.train_file=<path to a table>.")
+        raise ConfigError(
+            "data.train_file is not set: data=text_files needs data.train_file=<path to a table>."
+        )
     files = {"train": train_file, "validation": validation_file, "test": test_file}
     return {split: read_table(path, f"data.{split}_file") for split, path in files.items() if path}
 
 
-def load_hub(name: str | None, config: str | None, splits: dict[str, str], cache_dir: str | None) -> dict[str, pd.DataFrame]:
+def load_hub(
+    name: str | None, config: str | None, splits: dict[str, str], cache_dir: str | None
+) -> dict[str, pd.DataFrame]:
     """An HF hub dataset (needs internet, or a warm ``datasets`` cache); ClassLabel ids become their names."""
     if not name:
-        raise ConfigError("data.hub_name is not set: data=hf_hub needs data.hub_name=<dataset on the HF hub>.")
+        raise ConfigError(
+            "data.hub_name is not set: data=hf_hub needs data.hub_name=<dataset on the HF hub>."
+        )
     import datasets
 
     try:

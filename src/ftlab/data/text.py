@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -101,6 +102,16 @@ def _fingerprint(*parts: str | bytes) -> str:
     return digest.hexdigest()[:24]
 
 
+def _tokenizer_id(tokenizer: Any) -> str:
+    """The tokenizer's full definition, without the truncation/padding state that calling it leaves behind."""
+    if not tokenizer.is_fast:
+        return repr(tokenizer)
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return json.dumps(definition, sort_keys=True)
+
+
 def tokenize_cached(
     tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int, cache_dir: Path | None
 ) -> dict[str, np.ndarray]:
@@ -109,14 +120,20 @@ def tokenize_cached(
     The cache key covers everything the ids depend on: the full tokenizer definition (vocab, normalizer, special
     tokens: ``backend_tokenizer.to_str()``), ``max_length`` and every text, so a stale entry is never used.
     """
-    tokenizer_id = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else repr(tokenizer)
-    key = _fingerprint(tokenizer_id, str(max_length), "\x01".join(texts), "\x01".join(pairs) if pairs else "-")
+    tokenizer_id = _tokenizer_id(tokenizer)
+    key = _fingerprint(
+        tokenizer_id, str(max_length), "\x01".join(texts), "\x01".join(pairs) if pairs else "-"
+    )
     path = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
     if path is not None and path.exists():
         with np.load(path) as cached:
             return dict(cached)
     encoded = tokenizer(
-        texts, pairs, truncation=True, max_length=max_length, return_attention_mask=False,
+        texts,
+        pairs,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=False,
         return_token_type_ids=pairs is not None,
     )
     lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
@@ -125,7 +142,9 @@ def tokenize_cached(
         "offsets": np.concatenate([[0], np.cumsum(lengths)]),
     }
     if pairs is not None:
-        arrays["token_type_ids"] = np.concatenate([np.asarray(t, dtype=np.int8) for t in encoded["token_type_ids"]])
+        arrays["token_type_ids"] = np.concatenate(
+            [np.asarray(t, dtype=np.int8) for t in encoded["token_type_ids"]]
+        )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
@@ -185,12 +204,29 @@ class TextClassificationDataModule(pl.LightningDataModule):
             raise ConfigError(
                 f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
             )
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"data.{key}={value} must be between 0 and 1 (exclusive).")
+        if val_fraction + test_fraction >= 1.0:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training data."
+            )
         self.preprocessing = preprocessing
         self.source_args = dict(
-            source=source, train_file=train_file, validation_file=validation_file, test_file=test_file,
-            hub_name=hub_name, hub_config=hub_config, hub_splits=hub_splits, cache_dir=cache_dir,
+            source=source,
+            train_file=train_file,
+            validation_file=validation_file,
+            test_file=test_file,
+            hub_name=hub_name,
+            hub_config=hub_config,
+            hub_splits=hub_splits,
+            cache_dir=cache_dir,
         )
-        self.columns = {"text_column": text_column, "text_pair_column": text_pair_column, "label_column": label_column}
+        self.columns = {
+            "text_column": text_column,
+            "text_pair_column": text_pair_column,
+            "label_column": label_column,
+        }
         self.keep_labels, self.task = labels, task
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
@@ -218,12 +254,14 @@ class TextClassificationDataModule(pl.LightningDataModule):
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         train = tables["train"].reset_index(drop=True)
         label = self.columns["label_column"]
-        stratify_on = train[label].astype(str).to_numpy() if self.task == "classification" else train[label].to_numpy()
+        stratify_on = (
+            train[label].astype(str).to_numpy() if self.task == "classification" else train[label].to_numpy()
+        )
         total = len(train)
         for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
             if split not in tables:  # fractions are of the whole source, not of what the previous split left
                 key = f"data.{split[:3] if split == 'validation' else split}_fraction"
-                rest, held = sampling.split_off(stratify_on, min(fraction * total / len(train), 0.99), self.seed, key)
+                rest, held = sampling.split_off(stratify_on, fraction * total / len(train), self.seed, key)
                 tables[split] = train.iloc[held].reset_index(drop=True)
                 train, stratify_on = train.iloc[rest].reset_index(drop=True), stratify_on[rest]
         if self.examples_per_class is not None:
@@ -240,14 +278,20 @@ class TextClassificationDataModule(pl.LightningDataModule):
         used = [c for c in (text, pair, label) if c is not None]
         clean = frame.dropna(subset=used)
         if len(clean) < len(frame):
-            log.warning("Dropped %d %s rows with an empty %s.", len(frame) - len(clean), split, "/".join(used))
+            log.warning(
+                "Dropped %d %s rows with an empty %s.", len(frame) - len(clean), split, "/".join(used)
+            )
         if self.keep_labels is not None and self.task == "classification":
             wanted = {str(v) for v in self.keep_labels}
             clean = clean[clean[label].astype(str).isin(wanted)]
         if clean.empty:
             raise DataError(
                 f"The {split} data is empty after dropping rows without {'/'.join(used)}"
-                + (f" and keeping data.labels={list(self.keep_labels)}" if self.keep_labels is not None else "")
+                + (
+                    f" and keeping data.labels={list(self.keep_labels)}"
+                    if self.keep_labels is not None
+                    else ""
+                )
                 + ". Check the file and the column names."
             )
         return clean
@@ -271,7 +315,9 @@ class TextClassificationDataModule(pl.LightningDataModule):
             arrays = tokenize_cached(tokenizer, texts, pairs, self.max_length, self.cache_dir)
             self.datasets[split] = TokenizedText(arrays, labels)
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
-        log.info("Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes)
+        log.info(
+            "Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes
+        )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()

@@ -39,14 +39,18 @@ def build_groups(backbone: nn.Module, head: nn.Module) -> list[LayerGroup]:
             for param in module.parameters():
                 if id(param) in owner:
                     if owner[id(param)] != name:
-                        raise ValueError(f"Parameter {names.get(id(param))} is in groups {owner[id(param)]} and {name}.")
+                        raise ValueError(
+                            f"Parameter {names.get(id(param))} is in groups {owner[id(param)]} and {name}."
+                        )
                     continue
                 owner[id(param)] = name
                 group.params.append((names.get(id(param), f"{name}.?"), param))
         groups.append(group)
     missing = [n for n, p in backbone.named_parameters(prefix="backbone") if id(p) not in owner]
     if missing:
-        raise ValueError(f"Backbone parameters in no layer group: {missing[:5]} (a bug in its layer_groups()).")
+        raise ValueError(
+            f"Backbone parameters in no layer group: {missing[:5]} (a bug in its layer_groups())."
+        )
     return groups
 
 
@@ -70,9 +74,13 @@ def optimizer_param_groups(
         decayed = [p for _, p in group.params if id(p) not in no_decay]
         plain = [p for _, p in group.params if id(p) in no_decay]
         if decayed:
-            param_groups.append({"name": group.name, "params": decayed, "lr": group_lr, "weight_decay": weight_decay})
+            param_groups.append(
+                {"name": group.name, "params": decayed, "lr": group_lr, "weight_decay": weight_decay}
+            )
         if plain:
-            param_groups.append({"name": f"{group.name}.no_decay", "params": plain, "lr": group_lr, "weight_decay": 0.0})
+            param_groups.append(
+                {"name": f"{group.name}.no_decay", "params": plain, "lr": group_lr, "weight_decay": 0.0}
+            )
     return param_groups
 
 
@@ -85,7 +93,9 @@ def set_trainable(groups: list[LayerGroup], frozen: set[str]) -> None:
             param.requires_grad_(group.name not in frozen)
 
 
-def set_frozen_modes(groups: list[LayerGroup], frozen: set[str], train_bn: bool, frozen_dropout: bool) -> None:
+def set_frozen_modes(
+    groups: list[LayerGroup], frozen: set[str], train_bn: bool, frozen_dropout: bool
+) -> None:
     """Put frozen groups in eval mode (after ``Module.train()`` has put everything in train mode).
 
     Frozen BatchNorm layers then normalise with their running statistics and do not update them; ``train_bn`` keeps
@@ -96,7 +106,9 @@ def set_frozen_modes(groups: list[LayerGroup], frozen: set[str], train_bn: bool,
             continue
         for module in group.modules:
             for sub in module.modules():
-                keep = (train_bn and isinstance(sub, NORM_TYPES)) or (frozen_dropout and isinstance(sub, nn.Dropout))
+                keep = (train_bn and isinstance(sub, NORM_TYPES)) or (
+                    frozen_dropout and isinstance(sub, nn.Dropout)
+                )
                 if not keep:
                     sub.training = False
 
@@ -111,5 +123,7 @@ def count_parameters(groups: list[LayerGroup]) -> dict[str, float]:
         counts[f"params/{group.name}/trainable"] = group_trainable
         counts[f"params/{group.name}/total"] = group_total
         trainable, total = trainable + group_trainable, total + group_total
-    counts.update(trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(total, 1))
+    counts.update(
+        trainable_params=trainable, total_params=total, trainable_fraction=trainable / max(total, 1)
+    )
     return counts

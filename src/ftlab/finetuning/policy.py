@@ -22,7 +22,9 @@ class FinetunePolicy:
         frozen_dropout: keep dropout of frozen groups active (default: frozen groups are fully in eval mode).
     """
 
-    def __init__(self, k: int = 0, freeze_backbone: bool = False, train_bn: bool = False, frozen_dropout: bool = False):
+    def __init__(
+        self, k: int = 0, freeze_backbone: bool = False, train_bn: bool = False, frozen_dropout: bool = False
+    ):
         if k < 0:
             raise ConfigError(f"finetune.k={k} must be >= 0 (the number of bottom layer groups to freeze).")
         self.k, self.freeze_backbone = k, freeze_backbone

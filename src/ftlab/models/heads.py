@@ -18,7 +18,9 @@ class ClassificationHead(nn.Module):
         hidden_features: width of an optional hidden layer (GELU); ``null`` for a linear head.
     """
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.1, hidden_features: int | None = None):
+    def __init__(
+        self, in_features: int, num_classes: int, dropout: float = 0.1, hidden_features: int | None = None
+    ):
         super().__init__()
         if num_classes < 1:
             raise ConfigError(f"num_classes={num_classes} must be at least 1 (1 means regression).")

@@ -28,7 +28,11 @@ def make_metrics(num_classes: int) -> torchmetrics.MetricCollection:
     """Accuracy, macro F1/precision/recall for classification; MSE/MAE/R² for regression (``num_classes == 1``)."""
     if num_classes == 1:
         return torchmetrics.MetricCollection(
-            {"mse": torchmetrics.MeanSquaredError(), "mae": torchmetrics.MeanAbsoluteError(), "r2": torchmetrics.R2Score()}
+            {
+                "mse": torchmetrics.MeanSquaredError(),
+                "mae": torchmetrics.MeanAbsoluteError(),
+                "r2": torchmetrics.R2Score(),
+            }
         )
     kw: dict[str, Any] = {"task": "multiclass", "num_classes": num_classes}
     return torchmetrics.MetricCollection(
@@ -83,6 +87,7 @@ class ClassificationModule(pl.LightningModule):
     # --- fine-tuning policy -------------------------------------------------------------------------------------
     def apply_policy(self, epoch: int) -> None:
         """Freeze/unfreeze groups for ``epoch``; a function of the epoch only, so resume lands in the same state."""
+        self.policy_epoch = epoch
         self.frozen = self.policy.frozen(self.group_names, epoch)
         set_trainable(self.groups, self.frozen)
         if self.training:
@@ -97,8 +102,11 @@ class ClassificationModule(pl.LightningModule):
     def parameter_counts(self) -> dict[str, float]:
         return count_parameters(self.groups)
 
-    def on_train_epoch_start(self) -> None:
-        self.apply_policy(self.current_epoch)
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Once per epoch, at its first batch: Lightning skips on_train_epoch_start for the first epoch of a run
+        # resumed from a checkpoint written at the end of the previous epoch.
+        if self.policy_epoch != self.current_epoch:
+            self.apply_policy(self.current_epoch)
 
     # --- steps --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -115,9 +123,13 @@ class ClassificationModule(pl.LightningModule):
         logits = self(batch)
         loss = self.loss(logits, batch["labels"])
         # metric state is updated per step and computed (and synced across ranks) once per epoch
-        self.metrics[f"{stage}_metrics"].update(logits.detach() if self.regression else logits.detach().argmax(-1), batch["labels"])
+        self.metrics[f"{stage}_metrics"].update(
+            logits.detach() if self.regression else logits.detach().argmax(-1), batch["labels"]
+        )
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, batch_size=len(logits))
+        self.log(
+            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step, batch_size=len(logits)
+        )
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -149,10 +161,15 @@ class ClassificationModule(pl.LightningModule):
         if "lr" not in keywords:
             raise ConfigError("optimizer.lr is not set: the optimizer config must give a learning rate.")
         params = optimizer_param_groups(
-            self.groups, keywords["lr"], keywords.get("weight_decay", 0.0), self.policy.lr_scales(self.group_names)
+            self.groups,
+            keywords["lr"],
+            keywords.get("weight_decay", 0.0),
+            self.policy.lr_scales(self.group_names),
         )
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
+        )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

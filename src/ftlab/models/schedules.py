@@ -31,16 +31,24 @@ def warmup_schedule(
     if name not in WARMUP_SCHEDULES:
         raise ConfigError(f"scheduler.name={name!r} is not one of {', '.join(WARMUP_SCHEDULES)}.")
     scheduler = get_scheduler(
-        WARMUP_SCHEDULES[name], optimizer, num_warmup_steps=warmup_steps(warmup, total_steps),
+        WARMUP_SCHEDULES[name],
+        optimizer,
+        num_warmup_steps=warmup_steps(warmup, total_steps),
         num_training_steps=total_steps,
     )
     return {"scheduler": scheduler, "interval": "step", "frequency": 1}
 
 
 def plateau(
-    optimizer: torch.optim.Optimizer, total_steps: int, monitor: str, mode: str = "max", factor: float = 0.5,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    monitor: str,
+    mode: str = "max",
+    factor: float = 0.5,
     patience: int = 1,
 ) -> dict[str, Any]:
     """Reduce the LR by ``factor`` when ``monitor`` has not improved for ``patience`` epochs."""
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode=mode, factor=factor, patience=patience
+    )
     return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}

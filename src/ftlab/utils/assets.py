@@ -41,11 +41,15 @@ def package_dir(package: str, requirement: str) -> Path:
 def embedded_path(name: str) -> Path:
     """The file or folder of the embedded asset ``name`` (a key of :data:`EMBEDDED`)."""
     if name not in EMBEDDED:
-        raise ConfigError(f"Unknown embedded asset {name!r}; the embedded assets are: {', '.join(sorted(EMBEDDED))}.")
+        raise ConfigError(
+            f"Unknown embedded asset {name!r}; the embedded assets are: {', '.join(sorted(EMBEDDED))}."
+        )
     package, inner, requirement = EMBEDDED[name]
     path = package_dir(package, requirement) / inner
     if not path.exists():
-        raise DataFileError(f"The embedded asset {name!r} should be at {path} but is not; reinstall {requirement}.")
+        raise DataFileError(
+            f"The embedded asset {name!r} should be at {path} but is not; reinstall {requirement}."
+        )
     return path
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlab.utils.errors import ConfigError, DataFileError
+from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
 
 METRICS_FILE = "metrics.json"
 LABELS_FILE = "labels.json"
@@ -48,9 +48,24 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise DataFileError(f"resume={values[-1]}: {config} does not exist; give the folder of an ftlab run.")
     rest = [a for a in argv if not a.startswith("resume=")]
     return [
-        "--config-path", str(config.parent), "--config-name", "config",
-        f"hydra.run.dir={run_dir}", "hydra.output_subdir=null", f"resume={run_dir}", *rest,
+        "--config-path",
+        str(config.parent),
+        "--config-name",
+        "config",
+        f"hydra.run.dir={run_dir}",
+        "hydra.output_subdir=null",
+        f"resume={run_dir}",
+        *rest,
     ]
+
+
+def refuse_taken_run_dir(argv: list[str]) -> None:
+    """``hydra.run.dir=<a finished run>`` would let Hydra rewrite that run's ``.hydra/`` files: refuse it up front."""
+    if any(a.startswith("resume=") and a not in ("resume=null", "resume=") for a in argv):
+        return
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            check_fresh(Path(arg.split("=", 1)[1]).expanduser())
 
 
 def _plain(value: Any) -> Any:
@@ -73,6 +88,18 @@ def read_metrics(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataFileError(f"{run_dir} has no {METRICS_FILE}: the run did not finish.")
     return json.loads(path.read_text())
+
+
+def user_error(err: BaseException) -> FtlabError | None:
+    """The :class:`FtlabError` behind ``err`` (Hydra's ``instantiate`` wraps what constructors raise), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, FtlabError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def print_error(err: BaseException) -> None:

@@ -63,7 +63,11 @@ class HFTextBackbone(nn.Module):
             if pretrained:
                 # dtype=float32: an fp16 checkpoint would otherwise load as fp16 (transformers 5)
                 model = AutoModel.from_pretrained(
-                    path, config=config, revision=revision, trust_remote_code=trust_remote_code, dtype=torch.float32
+                    path,
+                    config=config,
+                    revision=revision,
+                    trust_remote_code=trust_remote_code,
+                    dtype=torch.float32,
                 )
             else:
                 model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
@@ -85,7 +89,9 @@ class HFTextBackbone(nn.Module):
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """``embeddings``, ``layer.0`` ... ``layer.{n-1}``, then ``pooler`` if kept; leftovers join the top layer."""
         model = self.model
-        layers = next((_get(model, p) for p in LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
+        layers = next(
+            (_get(model, p) for p in LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None
+        )
         if layers is None:
             lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
             layers = max(lists, key=len) if lists else nn.ModuleList()

@@ -1,0 +1,156 @@
+"""Every option of every config group composes, names only real constructor arguments, and instantiates.
+
+Options are discovered from conf/, so a new option is tested the day it is added. An option that needs what this
+machine lacks (a GPU, internet) gets an entry in OFFLINE or COMPOSE_ONLY below, with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, compose_cfg, tiny_reviews
+
+SKIP_GROUPS = {"hydra", "local"}
+# option -> extra overrides that make it loadable offline (the option itself is what is being tested)
+OFFLINE = {
+    ("model", "bert"): [
+        "model.backbone.name_or_path=embedded:all-MiniLM-L6-v2"
+    ],  # bert-base-uncased: hub only
+    ("data", "hf_hub"): ["data.hub_name=glue"],  # constructor only: loading needs the hub
+}
+# options checked by composition and signatures only: no GPU here
+COMPOSE_ONLY = {("trainer", "gpu"), ("trainer", "ddp")}
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def options() -> list[tuple[str, str]]:
+    found = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        group = path.parent.relative_to(CONF_DIR).as_posix()
+        if group != "." and group.split("/")[0] not in SKIP_GROUPS:
+            found.append((group, path.stem))
+    return found
+
+
+def _target(path: str):
+    module, _, name = path.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_signatures(node, where: str = "") -> int:
+    """Every key beside a ``_target_`` is an argument of that target; returns how many targets were checked."""
+    checked = 0
+    if isinstance(node, dict):
+        if "_target_" in node:
+            params = inspect.signature(_target(node["_target_"])).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                unknown = set(node) - set(params) - HYDRA_KEYS
+                assert not unknown, f"{where}: {node['_target_']} takes no argument(s) {sorted(unknown)}"
+            checked += 1
+        for key, value in node.items():
+            checked += check_signatures(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        checked += sum(check_signatures(v, f"{where}[{i}]") for i, v in enumerate(node))
+    return checked
+
+
+def _family(cfg) -> str:
+    return "image" if "Image" in str(cfg.data.get("_target_", "")) else "text"
+
+
+@pytest.fixture(scope="module")
+def csv(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "r.csv"
+    tiny_reviews(10).rename(columns={"review": "text", "stars": "label"}).to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize(("group", "option"), options(), ids=lambda v: str(v))
+def test_option_composes_and_instantiates(group, option, csv, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    override = (
+        f"+{group}={option}" if group in ("experiment", "debug", "hparams_search") else f"{group}={option}"
+    )
+    override = override.lstrip("+") if group in ("debug", "experiment") else override
+    extra = [
+        *OFFLINE.get((group, option), []),
+        f"paths.cache_dir={tmp_path}/cache",
+        f"paths.log_dir={tmp_path}",
+    ]
+    if group == "data" and option == "text_files":
+        extra.append(f"data.train_file={csv}")
+    cfg = compose_cfg([override, *extra], tmp_path / "run")
+    assert check_signatures(OmegaConf.to_container(cfg, resolve=False)) > 0
+    if (group, option) in COMPOSE_ONLY or group in ("experiment", "hparams_search"):
+        return
+    if group == "data":
+        model = "tiny_resnet" if _family(cfg) == "image" else "tiny_bert"
+        cfg = compose_cfg([override, *extra, f"model={model}"], tmp_path / "run")
+    if group in ("data", "model"):
+        backbone = instantiate(cfg.model.backbone)
+        data = instantiate(cfg.data, preprocessing=backbone.preprocessing) if group == "data" else None
+        head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=3)
+        assert head(torch.zeros(2, backbone.out_features)).shape == (2, 3)
+        assert data is None or data.batch_size > 0
+    elif group == "finetune":
+        assert hasattr(instantiate(cfg.finetune), "frozen")
+    elif group == "optimizer":
+        optimizer = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+        assert optimizer.param_groups[0]["lr"] == cfg.optimizer.lr
+    elif group == "scheduler":
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        assert cfg.scheduler == {} or "scheduler" in instantiate(cfg.scheduler)(optimizer, total_steps=100)
+    elif group in ("callbacks", "logger"):
+        for node in (cfg[group] or {}).values():
+            if node:
+                assert instantiate(node) is not None
+    elif group in ("trainer", "debug"):
+        assert instantiate(cfg.trainer).max_epochs is not None or cfg.trainer.get("fast_dev_run")
+
+
+def test_train_yaml_names_the_path_in_data_flow_order():
+    defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
+    names = [next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else d for d in defaults]
+    assert names[:10] == [
+        "data",
+        "model",
+        "finetune",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "callbacks",
+        "logger",
+        "paths",
+        "hydra",
+    ]
+    assert names[10:] == ["experiment", "debug", "optional local", "_self_"]
+
+
+def test_monitor_is_named_once_and_interpolated():
+    cfg = OmegaConf.to_container(compose_cfg([]), resolve=False)
+    callbacks = cfg["callbacks"]
+    assert callbacks["model_checkpoint"]["monitor"] == "${monitor}"
+    assert callbacks["early_stopping"]["monitor"] == "${monitor}"
+    assert callbacks["early_stopping"]["mode"] == "${monitor_mode}"
+
+
+def test_hydra_launcher_options_compose():
+    launcher_dir = CONF_DIR / "hydra" / "launcher"
+    for path in sorted(launcher_dir.glob("*.yaml")) if launcher_dir.is_dir() else []:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(
+                config_name="train", overrides=[f"hydra/launcher={path.stem}"], return_hydra_config=True
+            )
+        assert _target(cfg.hydra.launcher._target_) is not None
