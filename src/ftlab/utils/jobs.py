@@ -117,7 +117,8 @@ def _prepare_multirun(cfg: DictConfig, output_dir: Path) -> None:
     if isinstance(strategy, str) and strategy in _RELAUNCHING and not slurm_ranks:
         log.warning(
             "trainer.strategy=%s inside a multirun: using ddp_spawn (plain ddp re-runs the script per rank, and "
-            "every rank would start its own sweep).", strategy,
+            "every rank would start its own sweep).",
+            strategy,
         )
         cfg.trainer.strategy = "ddp_spawn"
     if cfg.get("resume") is True:
@@ -159,13 +160,23 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     try:
         metrics = train(cfg)
     except Exception as err:
-        write_status(output_dir, "failed", error=str(err), type=type(err).__name__,
-                     traceback=traceback.format_exc(limit=-8), torch_threads=threads)
+        write_status(
+            output_dir,
+            "failed",
+            error=str(err),
+            type=type(err).__name__,
+            traceback=traceback.format_exc(limit=-8),
+            torch_threads=threads,
+        )
         _finish_wandb(cfg, None, exit_code=1)
         if not multirun:
             raise
-        log.error("job failed (%s: %s); the sweep goes on. Record: %s", type(err).__name__, err,
-                  output_dir / STATUS_FILE)
+        log.error(
+            "job failed (%s: %s); the sweep goes on. Record: %s",
+            type(err).__name__,
+            err,
+            output_dir / STATUS_FILE,
+        )
         return None
     objective = _objective(metrics, cfg.monitor)
     write_status(output_dir, "completed", objective=objective, torch_threads=threads)
