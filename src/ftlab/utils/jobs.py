@@ -94,12 +94,13 @@ def write_status(run_dir: Path, status: str, **fields: Any) -> None:
     tmp.replace(run_dir / STATUS_FILE)
 
 
-def set_threads() -> int | None:
+def set_threads(launcher: Any = None) -> int:
     """Give each job its share of the CPU cores: ``FTLAB_TORCH_THREADS``, else cores // n_jobs under joblib."""
     import torch
 
+    if launcher is None:
+        launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     threads = int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None
-    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     if threads is None and "joblib" in str(launcher.get("_target_", "")).lower():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         n_jobs = int(launcher.get("n_jobs") or 1)
