@@ -47,3 +47,9 @@ def test_wandb_logger_group_and_tags(hydra_cfg):
     wandb = cfg.logger.wandb
     assert wandb._target_.endswith("WandbLogger") and wandb.group == "train"  # a single run: grouped by ${name}
     assert wandb.name == "default"  # outside a Hydra job there is no override_dirname to name the run by
+
+
+def test_experiment_values_override_train_yaml(hydra_cfg):
+    cfg = hydra_cfg("experiment=seeds_demo")
+    assert cfg.name == "seeds_demo" and cfg.model.backbone.config_overrides.hidden_size == 32
+    assert dict(cfg.hydra.sweeper.params) == {"seed": "1,2,3", "optimizer.lr": "1e-4,1e-3"}
