@@ -45,7 +45,8 @@ def test_wandb_logger_group_and_tags(hydra_cfg):
     cfg = hydra_cfg("logger=wandb")
     assert cfg.hydra.job.config.override_dirname.exclude_keys[:2] == ["paths.log_dir", "paths.cache_dir"]
     wandb = cfg.logger.wandb
-    assert wandb._target_.endswith("WandbLogger") and wandb.group == "train"  # a single run: grouped by ${name}
+    assert wandb._target_.endswith("WandbLogger")
+    assert wandb.group == "train"  # a single run: grouped by ${name}
     assert wandb.name == "default"  # outside a Hydra job there is no override_dirname to name the run by
 
 
