@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ftlab import report
+from ftlab.utils.errors import ConfigError
 
 
 def _job(sweep: Path, num: int, overrides: list[str], metrics: dict | None, status: dict | None) -> Path:
@@ -82,11 +83,14 @@ def test_report_writes_files_and_lists_excluded_jobs(sweep: Path, capsys):
 
 def test_report_chosen_metrics_and_ignored_keys(sweep: Path, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    result = report.report([sweep], metrics=["test/acc"], ignore=(), out=out, plots=False)
+    result = report.report([sweep], metrics=["test/acc"], ignore=(), out=out)
     table = result["table"]
     assert len(table) == 5 and set(table["n"]) == {1}  # seed is now a group key: one job per row
     assert "best/val/acc mean" not in table.columns and table["test/acc std"].isna().all()
-    assert (out / "results.md").is_file() and not list(out.glob("*.png"))
+    assert (out / "results.md").is_file() and sorted(p.name for p in out.glob("*.png")) == [
+        "plot_optimizer.lr.png", "plot_seed.png"]  # fmt: skip
+    with pytest.raises(ConfigError, match="test/f1.*Available: best/val/acc, test/acc, test/loss"):
+        report.report([sweep], metrics=["test/f1"], out=out)
 
 
 def test_report_several_sweeps_and_errors(sweep: Path, tmp_path_factory, capsys):

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from ftlab.utils import runs
-from ftlab.utils.errors import DataFileError, FtlabError
+from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
 
 STATUS_FILE = "status.json"  # written by ftlab.utils.jobs
 DROPPED = ("paths.", "hydra.", "hydra/", "resume", "logger")  # overrides that do not change the result
@@ -259,6 +259,13 @@ def report(
     """Write the results files for ``sweeps``; returns the table, the jobs and the written paths."""
     jobs = collect(sweeps, set(ignore))
     metrics = metrics or default_metrics(jobs)
+    unknown = [m for m in metrics if m not in jobs.columns]
+    if unknown:
+        known = sorted(c for c in jobs.columns if "/" in c and not c.startswith("override:"))
+        raise ConfigError(
+            f"ftlab-report --metrics {' '.join(unknown)}: not in any completed job's metrics.json. "
+            f"Available: {', '.join(known) or 'none (no job completed)'}."
+        )
     keys, fixed = swept_keys(jobs)
     table = summarize(jobs, metrics, keys)
     out = out or sweeps[0]
