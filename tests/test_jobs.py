@@ -124,3 +124,13 @@ def test_resume_argv_variants(tmp_path):
 def test_direction_resolver():
     cfg = OmegaConf.create({"monitor_mode": "min", "d": "${ftlab.direction:${monitor_mode}}"})
     assert cfg.d == "minimize"
+
+
+def test_sweep_resume_refuses_a_folder_of_another_setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(jobs, "is_multirun", lambda: True)
+    cfg = _cfg(tmp_path, resume=True)
+    Path(cfg.paths.output_dir).mkdir()
+    record = {"best/val/acc": 0.6, "overrides": ["optimizer.lr=0.1", "resume=true", "hydra.sweep.dir=/x"]}
+    runs.write_metrics(Path(cfg.paths.output_dir) / runs.METRICS_FILE, record)
+    with pytest.raises(ConfigError, match="holds the run of optimizer.lr=0.1, but this job is"):
+        jobs.run_job(_ok, cfg)  # this job (no Hydra here) has no overrides: another setting

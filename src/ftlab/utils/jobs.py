@@ -112,6 +112,21 @@ def set_threads(launcher: Any = None) -> int:
     return torch.get_num_threads()
 
 
+def _setting(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if not o.startswith(("resume=", "hydra.", "hydra/")))
+
+
+def _check_same_setting(output_dir: Path, recorded: list[str]) -> None:
+    """A resumed sweep must be the same grid: never hand one setting's result to another (e.g. an Optuna trial)."""
+    current = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    if _setting(recorded) != _setting(current):
+        raise ConfigError(
+            f"resume: {output_dir} holds the run of {' '.join(_setting(recorded))}, but this job is "
+            f"{' '.join(_setting(current))}. Resume a sweep with the same command and grid it was started with; "
+            "an Optuna search samples new settings, so persist its study (hydra.sweeper.storage) instead."
+        )
+
+
 def _prepare_multirun(cfg: DictConfig, output_dir: Path) -> None:
     strategy = cfg.trainer.get("strategy")
     slurm_ranks = int(os.environ.get("SLURM_NTASKS", "1")) > 1  # ranks are SLURM tasks: plain ddp is right
@@ -153,6 +168,7 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     if multirun and cfg.get("resume") is True:
         done = completed_metrics(output_dir, cfg.monitor)
         if done is not None:
+            _check_same_setting(output_dir, done.get("overrides") or [])
             log.info("resume: %s is complete; skipped", output_dir)
             return _objective(done, cfg.monitor)
     if multirun:
