@@ -6,8 +6,8 @@ Jobs are grouped by their overrides (``metrics.json``'s ``overrides``, else ``.h
 ignored keys (default ``seed``) and the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``)
 removed. Per group: mean, sample standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable
 parameters and the mean wall time. Writes ``results.md``, ``results.csv``, ``results.tex`` and
-``plot_<key>.png`` (metric against each swept numeric value, error bars = std) into the first sweep folder (or
-``--out``) and prints the Markdown table. Failed and unfinished jobs are listed under the table, never averaged.
+``plot_<key>.png`` (test/<monitored name> and best/<monitor>, or ``--metrics``, against each swept numeric
+value, error bars = std) into the first sweep folder (or ``--out``) and prints the Markdown table. Failed and unfinished jobs are listed under the table, never averaged.
 
 A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
 """
@@ -97,6 +97,13 @@ def default_metrics(jobs: pd.DataFrame) -> list[str]:
     """The test metrics and each monitored ``best/<monitor>``, in the order of the records."""
     monitors = [f"best/{m}" for m in jobs.get("monitor", pd.Series(dtype=object)).dropna().unique()]
     return [c for c in jobs.columns if c.startswith("test/")] + [m for m in monitors if m in jobs.columns]
+
+
+def _headline(jobs: pd.DataFrame) -> list[str]:
+    """What the plots show by default: the monitored metric on the test set and its best validation value."""
+    monitors = jobs.get("monitor", pd.Series(dtype=object)).dropna().unique()
+    wanted = [f"test/{m.split('/', 1)[-1]}" for m in monitors] + [f"best/{m}" for m in monitors]
+    return [m for m in wanted if m in jobs.columns]
 
 
 def _value(text: str) -> Any:
@@ -236,7 +243,7 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
                     label=", ".join(map(str, label if isinstance(label, tuple) else (label,))) or None,
                 )
             xs = table[key].map(_value)
-            if xs.min() > 0 and xs.max() / xs.min() >= 100:
+            if xs.min() > 0 and xs.max() / xs.min() >= 10:  # learning rates, weight decays: log scale
                 ax.set_xscale("log")
             ax.set(xlabel=key, ylabel=m)
             if others:
@@ -258,6 +265,7 @@ def report(
 ) -> dict[str, Any]:
     """Write the results files for ``sweeps``; returns the table, the jobs and the written paths."""
     jobs = collect(sweeps, set(ignore))
+    plotted = metrics or _headline(jobs)
     metrics = metrics or default_metrics(jobs)
     unknown = [m for m in metrics if m not in jobs.columns]
     if unknown:
@@ -274,7 +282,7 @@ def report(
     (out / "results.md").write_text(md)
     table.to_csv(out / "results.csv", index=False)
     (out / "results.tex").write_text(latex(table, metrics))
-    written = plot(table, metrics, keys, out) if plots and not table.empty else []
+    written = plot(table, plotted, keys, out) if plots and not table.empty else []
     return {"table": table, "jobs": jobs, "markdown": md, "plots": written, "out": out}
 
 
