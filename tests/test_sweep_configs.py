@@ -48,6 +48,7 @@ def test_wandb_logger_group_and_tags(hydra_cfg):
     assert wandb._target_.endswith("WandbLogger")
     assert wandb.group == "train"  # a single run: grouped by ${name}
     assert wandb.name == "default"  # outside a Hydra job there is no override_dirname to name the run by
+    assert list(wandb.tags) == ["train"]  # the group choices are added inside a job (see test_sweeps)
 
 
 def test_experiment_values_override_train_yaml(hydra_cfg):

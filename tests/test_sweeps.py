@@ -132,7 +132,8 @@ def _wandb_run(path: Path) -> dict:
             record.ParseFromString(buf)
             buf, which = b"", record.WhichOneof("record_type")
             if which == "run":
-                found.update(id=record.run.run_id, name=record.run.display_name, group=record.run.run_group)
+                run = record.run
+                found.update(id=run.run_id, name=run.display_name, group=run.run_group, tags=list(run.tags))
                 found["config"].update({i.key: json.loads(i.value_json) for i in record.run.config.update})
             elif which in ("config", "summary"):
                 items = getattr(record, which).update
@@ -153,6 +154,7 @@ def test_wandb_offline_one_run_per_job(tmp_path, cache):
         run, metrics = _wandb_run(files[0]), json.loads((sweep_dir / str(i) / "metrics.json").read_text())
         assert run["config"]["seed"] == seed and run["config"]["model"]["backbone"]["pretrained"] is False
         assert run["config"]["paths"]["output_dir"] == str(sweep_dir / str(i))  # the resolved config
+        assert run["tags"] == ["train", "tiny_bert", "rotten_tomatoes", "full"]
         assert f"seed={seed}" in run["name"] and "paths." not in run["name"] and run["group"] == "wandb_sweep"
         assert run["summary"]["best/val/acc"] == pytest.approx(metrics["best/val/acc"])
         assert run["summary"]["test/acc"] == pytest.approx(metrics["test/acc"])

@@ -62,7 +62,14 @@ def _run_name() -> str:
     return HydraConfig.get().job.override_dirname or "default"
 
 
+def _tags(name: str) -> list[str]:
+    """W&B tags: the experiment name and the model / data / finetune choices (when inside a Hydra job)."""
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return [name, *(str(choices[g]) for g in ("model", "data", "finetune") if choices.get(g))]
+
+
 OmegaConf.register_new_resolver("ftlab.sweep_name", _sweep_name, replace=True)
+OmegaConf.register_new_resolver("ftlab.tags", _tags, replace=True)
 OmegaConf.register_new_resolver("ftlab.run_name", _run_name, replace=True)
 OmegaConf.register_new_resolver(
     "ftlab.direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode], replace=True
