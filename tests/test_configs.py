@@ -16,6 +16,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+import ftlab.utils.jobs  # noqa: F401  (registers the ftlab.* resolvers that configs use)
+
 from conftest import CONF_DIR, compose_cfg, tiny_reviews
 
 SKIP_GROUPS = {"hydra", "local"}
@@ -80,10 +82,7 @@ def csv(tmp_path_factory) -> Path:
 def test_option_composes_and_instantiates(group, option, csv, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    override = (
-        f"+{group}={option}" if group in ("experiment", "debug", "hparams_search") else f"{group}={option}"
-    )
-    override = override.lstrip("+") if group in ("debug", "experiment") else override
+    override = f"{group}={option}"
     extra = [
         *OFFLINE.get((group, option), []),
         f"paths.cache_dir={tmp_path}/cache",
@@ -123,7 +122,9 @@ def test_option_composes_and_instantiates(group, option, csv, tmp_path, monkeypa
 def test_train_yaml_names_the_path_in_data_flow_order():
     defaults = OmegaConf.load(CONF_DIR / "train.yaml").defaults
     names = [next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else d for d in defaults]
-    assert names[:10] == [
+    # _self_ first: experiment / debug / local files override train.yaml's own values (seed, monitor, name, ...)
+    assert names[0] == "_self_"
+    assert names[1:11] == [
         "data",
         "model",
         "finetune",
@@ -135,7 +136,7 @@ def test_train_yaml_names_the_path_in_data_flow_order():
         "paths",
         "hydra",
     ]
-    assert names[10:] == ["experiment", "debug", "optional local", "_self_"]
+    assert names[11:] == ["experiment", "hparams_search", "debug", "optional local"]
 
 
 def test_monitor_is_named_once_and_interpolated():

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.models.module import ClassificationModule
-from ftlab.utils import runs
+from ftlab.utils import jobs, runs
 from ftlab.utils.errors import FtlabError
 
 log = logging.getLogger("ftlab.train")
@@ -102,19 +102,19 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        metrics = train(cfg)
+        return jobs.run_job(
+            train, cfg
+        )  # status.json; in a multirun a failed job returns None, the sweep goes on
     except Exception as err:
         user = runs.user_error(err)
         if user is None:
             raise
         runs.print_error(user)
         sys.exit(2)
-    value = metrics.get(f"best/{cfg.monitor}")
-    return float(value) if value is not None else None
 
 
 def main() -> None:
-    """Console entry point; ``resume=<run folder>`` continues that run with its own config."""
+    """Console entry point; ``resume=<run folder>`` continues that run, ``-m ... resume=<sweep>`` that sweep."""
     try:
         runs.refuse_taken_run_dir(sys.argv[1:])
         sys.argv = [sys.argv[0], *runs.resume_argv(sys.argv[1:])]

@@ -40,8 +40,10 @@ def resume_argv(argv: list[str]) -> list[str]:
     ``.hydra`` files there, so the record of the original overrides stays as it was.
     """
     values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if not values or values[-1] in ("", "null") or "-m" in argv or "--multirun" in argv:
-        return argv
+    if not values or values[-1].lower() in ("", "null", "true", "false"):
+        return argv  # resume=true is the sweep variant, handled in the job (ftlab.utils.jobs)
+    if "-m" in argv or "--multirun" in argv:
+        return _resume_sweep_argv(argv, values[-1])
     run_dir = Path(values[-1]).expanduser().resolve()
     config = run_dir / ".hydra" / "config.yaml"
     if not config.is_file():
@@ -66,6 +68,18 @@ def refuse_taken_run_dir(argv: list[str]) -> None:
     for arg in argv:
         if arg.startswith("hydra.run.dir="):
             check_fresh(Path(arg.split("=", 1)[1]).expanduser())
+
+
+def _resume_sweep_argv(argv: list[str], value: str) -> list[str]:
+    """``-m ... resume=<sweep folder>`` is ``-m ... hydra.sweep.dir=<sweep folder> resume=true``."""
+    sweep_dir = Path(value).expanduser().resolve()
+    if not (sweep_dir / "multirun.yaml").is_file():
+        raise DataFileError(
+            f"resume={value} with -m: {sweep_dir / 'multirun.yaml'} does not exist; give the folder of an ftlab "
+            "sweep (outputs/multirun/<name>_<time>), and the same sweep overrides as the first time."
+        )
+    rest = [a for a in argv if not a.startswith("resume=")]
+    return [*rest, f"hydra.sweep.dir={sweep_dir}", "resume=true"]
 
 
 def _plain(value: Any) -> Any:

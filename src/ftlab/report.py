@@ -1,0 +1,316 @@
+"""``ftlab-report``: turn finished sweeps into a results table (mean ± std over seeds) and plots.
+
+    ftlab-report outputs/multirun/<sweep> [more sweeps] [--metrics test/acc best/val/acc] [--ignore seed]
+
+Jobs are grouped by their overrides (``metrics.json``'s ``overrides``, else ``.hydra/overrides.yaml``) with the
+ignored keys (default ``seed``) and the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``)
+removed. Per group: mean, sample standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable
+parameters and the mean wall time. Writes ``results.md``, ``results.csv``, ``results.tex`` and
+``plot_<key>.png`` (test/<monitored name> and best/<monitor>, or ``--metrics``, against each swept numeric
+value, error bars = std) into the first sweep folder (or ``--out``) and prints the Markdown table. Failed and unfinished jobs are listed under the table, never averaged.
+
+A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from ftlab.utils import runs
+from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
+
+STATUS_FILE = "status.json"  # written by ftlab.utils.jobs
+DROPPED = ("paths.", "hydra.", "hydra/", "resume", "logger")  # overrides that do not change the result
+
+
+def _job_dirs(sweep: Path) -> list[Path]:
+    found = {p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")}
+    found |= {p.parent for p in sweep.rglob(runs.METRICS_FILE)} | {p.parent for p in sweep.rglob(STATUS_FILE)}
+    return sorted((d for d in found if ".submitit" not in d.parts), key=lambda d: _natural(str(d)))
+
+
+def _natural(text: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _overrides(job: Path, metrics: dict[str, Any] | None, ignore: set[str]) -> dict[str, str]:
+    items = (metrics or {}).get("overrides")
+    if items is None and (job / ".hydra" / "overrides.yaml").is_file():
+        items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    pairs = (str(item).lstrip("+~").split("=", 1) for item in items or [])
+    return {
+        k: v for k, v in (p for p in pairs if len(p) == 2) if k not in ignore and not k.startswith(DROPPED)
+    }
+
+
+def collect(sweeps: list[Path], ignore: set[str]) -> pd.DataFrame:
+    """One row per job: ``job``, ``status`` (completed/failed/unfinished), ``error``, overrides, metrics."""
+    rows = []
+    for sweep in sweeps:
+        if not sweep.is_dir():
+            raise DataFileError(
+                f"ftlab-report: {sweep} is not a folder; give a sweep folder (outputs/multirun/...)."
+            )
+        for job in _job_dirs(sweep):
+            metrics = _read_json(job / runs.METRICS_FILE)
+            status = _read_json(job / STATUS_FILE) or {}
+            state = status.get("status") or ("completed" if metrics else "unfinished")
+            if state == "completed" and metrics is None:
+                state = "unfinished"
+            row: dict[str, Any] = {"job": str(job), "status": state, "error": status.get("error", "")}
+            row.update({f"override:{k}": v for k, v in _overrides(job, metrics, ignore).items()})
+            if metrics is not None and state == "completed":
+                row.update(
+                    {
+                        k: v
+                        for k, v in metrics.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)
+                    }
+                )
+                row["monitor"] = metrics.get("monitor")
+            rows.append(row)
+    if not rows:
+        raise DataFileError(
+            f"ftlab-report: no job folders (with .hydra/, metrics.json or status.json) under {', '.join(map(str, sweeps))}."
+        )
+    return pd.DataFrame(rows)
+
+
+def default_metrics(jobs: pd.DataFrame) -> list[str]:
+    """The test metrics and each monitored ``best/<monitor>``, in the order of the records."""
+    monitors = [f"best/{m}" for m in jobs.get("monitor", pd.Series(dtype=object)).dropna().unique()]
+    return [c for c in jobs.columns if c.startswith("test/")] + [m for m in monitors if m in jobs.columns]
+
+
+def _headline(jobs: pd.DataFrame) -> list[str]:
+    """What the plots show by default: the monitored metric on the test set and its best validation value."""
+    monitors = jobs.get("monitor", pd.Series(dtype=object)).dropna().unique()
+    wanted = [f"test/{m.split('/', 1)[-1]}" for m in monitors] + [f"best/{m}" for m in monitors]
+    return [m for m in wanted if m in jobs.columns]
+
+
+def _value(text: str) -> Any:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def swept_keys(jobs: pd.DataFrame) -> tuple[list[str], dict[str, str]]:
+    """The override keys that differ between jobs (the table's columns) and those every job shares."""
+    cols = [c for c in jobs.columns if c.startswith("override:")]
+    filled = jobs[cols].fillna("")
+    varying = [c for c in cols if filled[c].nunique() > 1]
+    fixed = {c.split(":", 1)[1]: filled[c].iloc[0] for c in cols if c not in varying}
+    return varying, fixed
+
+
+def summarize(jobs: pd.DataFrame, metrics: list[str], keys: list[str]) -> pd.DataFrame:
+    """Mean, sample std (ddof=1) and n of each metric per group of completed jobs."""
+    done = jobs[jobs["status"] == "completed"].copy()
+    for m in metrics:
+        done[m] = pd.to_numeric(done.get(m), errors="coerce")
+    extra = [c for c in ("trainable_params", "wall_time_s") if c in done.columns]
+    grouped = done.fillna({k: "" for k in keys}).groupby(keys, sort=False) if keys else [((), done)]
+    rows = []
+    for name, group in grouped:
+        name = name if isinstance(name, tuple) else (name,)
+        row: dict[str, Any] = {k.split(":", 1)[1]: v for k, v in zip(keys, name, strict=True)}
+        row["n"] = len(group)
+        for m in metrics:
+            row[f"{m} mean"] = group[m].mean()
+            row[f"{m} std"] = group[m].std(ddof=1)  # sample std; NaN for a single job
+        if "trainable_params" in extra:
+            row["trainable_params"] = int(group["trainable_params"].median())
+        if "wall_time_s" in extra:
+            row["wall_time_s mean"] = group["wall_time_s"].mean()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    names = [k.split(":", 1)[1] for k in keys]
+    if names and not table.empty:
+        table = table.sort_values(names, key=lambda col: col.map(_sort_key)).reset_index(drop=True)
+    return table
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    v = _value(value)  # numbers in numeric order, then names
+    return (0, v) if isinstance(v, float) else (1, str(value))
+
+
+def _fmt(mean: float, std: float) -> str:
+    if mean is None or math.isnan(mean):
+        return "–"
+    return f"{mean:.4f}" if std is None or math.isnan(std) else f"{mean:.4f} ± {std:.4f}"
+
+
+def _display(table: pd.DataFrame, metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    keys = [c for c in table.columns if c == "n" or not (c.endswith(" mean") or c.endswith(" std"))]
+    keys = [c for c in keys if c not in ("n", "trainable_params")]
+    header = [*keys, *metrics, "n"]
+    header += ["trainable params"] if "trainable_params" in table.columns else []
+    header += ["wall time (s)"] if "wall_time_s mean" in table.columns else []
+    body = []
+    for _, r in table.iterrows():
+        line = (
+            [str(r[k]) for k in keys] + [_fmt(r[f"{m} mean"], r[f"{m} std"]) for m in metrics] + [str(r["n"])]
+        )
+        if "trainable_params" in table.columns:
+            line.append(f"{int(r['trainable_params']):,}")
+        if "wall_time_s mean" in table.columns:
+            line.append(f"{r['wall_time_s mean']:.1f}")
+        body.append(line)
+    return header, body
+
+
+def _excluded(jobs: pd.DataFrame) -> list[str]:
+    bad = jobs[jobs["status"] != "completed"]
+    return [f"{r.job}: {r.status}" + (f" ({r.error})" if r.error else "") for r in bad.itertuples()]
+
+
+def markdown(table: pd.DataFrame, metrics: list[str], jobs: pd.DataFrame, fixed: dict[str, str]) -> str:
+    header, body = _display(table, metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    notes = ["", "mean ± sample standard deviation (ddof=1) over the n completed jobs of each row."]
+    if fixed:
+        notes.append("Fixed in every job: " + ", ".join(f"{k}={v}" for k, v in fixed.items()) + ".")
+    excluded = _excluded(jobs)
+    if excluded:
+        notes += ["", f"Excluded ({len(excluded)} failed or unfinished jobs):", *[f"- {e}" for e in excluded]]
+    return "\n".join(lines + notes) + "\n"
+
+
+def latex(table: pd.DataFrame, metrics: list[str]) -> str:
+    header, body = _display(table, metrics)
+
+    def esc(text: str) -> str:
+        return re.sub(r"([_%&#$])", r"\\\1", text).replace("±", "$\\pm$")
+
+    lines = [
+        r"\begin{tabular}{" + "l" * len(header) + "}",
+        r"\toprule",
+        " & ".join(map(esc, header)) + r" \\",
+    ]
+    lines += [
+        r"\midrule",
+        *[" & ".join(map(esc, row)) + r" \\" for row in body],
+        r"\bottomrule",
+        r"\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) -> list[Path]:
+    """One PNG per swept numeric key: each metric's mean against the key, a line per setting of the other keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k.split(":", 1)[1] for k in keys]
+    written = []
+    for key in names:
+        if not all(isinstance(_value(v), float) for v in table[key]) or table[key].nunique() < 2:
+            continue
+        others = [n for n in names if n != key]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
+        for ax, m in zip(axes[0], metrics, strict=True):
+            for label, part in table.groupby(others, sort=False) if others else [("", table)]:
+                part = part.assign(_x=part[key].map(_value)).sort_values("_x")
+                ax.errorbar(
+                    part["_x"],
+                    part[f"{m} mean"],
+                    yerr=part[f"{m} std"].fillna(0),
+                    marker="o",
+                    capsize=3,
+                    label=", ".join(map(str, label if isinstance(label, tuple) else (label,))) or None,
+                )
+            xs = table[key].map(_value)
+            if xs.min() > 0 and xs.max() / xs.min() >= 10:  # learning rates, weight decays: log scale
+                ax.set_xscale("log")
+            ax.set(xlabel=key, ylabel=m)
+            if others:
+                ax.legend(fontsize="small", title=", ".join(others))
+        fig.tight_layout()
+        path = out / f"plot_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def report(
+    sweeps: list[Path],
+    metrics: list[str] | None = None,
+    ignore: tuple[str, ...] = ("seed",),
+    out: Path | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Write the results files for ``sweeps``; returns the table, the jobs and the written paths."""
+    jobs = collect(sweeps, set(ignore))
+    plotted = metrics or _headline(jobs)
+    metrics = metrics or default_metrics(jobs)
+    unknown = [m for m in metrics if m not in jobs.columns]
+    if unknown:
+        known = sorted(c for c in jobs.columns if "/" in c and not c.startswith("override:"))
+        raise ConfigError(
+            f"ftlab-report --metrics {' '.join(unknown)}: not in any completed job's metrics.json. "
+            f"Available: {', '.join(known) or 'none (no job completed)'}."
+        )
+    keys, fixed = swept_keys(jobs)
+    table = summarize(jobs, metrics, keys)
+    out = out or sweeps[0]
+    out.mkdir(parents=True, exist_ok=True)
+    md = markdown(table, metrics, jobs, fixed)
+    (out / "results.md").write_text(md)
+    table.to_csv(out / "results.csv", index=False)
+    (out / "results.tex").write_text(latex(table, metrics))
+    written = plot(table, plotted, keys, out) if plots and not table.empty else []
+    return {"table": table, "jobs": jobs, "markdown": md, "plots": written, "out": out}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="ftlab-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep folders (outputs/multirun/<name>_<time>)")
+    parser.add_argument(
+        "--metrics", nargs="+", help="metrics to tabulate (default: test/* and best/<monitor>)"
+    )
+    parser.add_argument(
+        "--ignore", nargs="*", default=["seed"], help="override keys averaged over (default: seed)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where to write the results (default: the first sweep folder)"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    args = parser.parse_args(argv)
+    try:
+        result = report(args.sweeps, args.metrics, tuple(args.ignore), args.out, plots=not args.no_plots)
+    except FtlabError as err:
+        runs.print_error(err)
+        sys.exit(2)
+    print(result["markdown"])
+    print(
+        f"written to {result['out']}: results.md, results.csv, results.tex"
+        + "".join(f", {p.name}" for p in result["plots"])
+    )
+
+
+if __name__ == "__main__":
+    main()
