@@ -1,0 +1,184 @@
+"""Rebuild a trained module from its run folder: the saved ``.hydra/config.yaml`` plus a checkpoint.
+
+Used by ``ftlab-eval``, ``ftlab-predict`` and ``ftlab-export``. Nothing is downloaded: the backbone is built with
+its pretrained-weight switches turned off (``pretrained``, ``weights``, ``checkpoint``), because every weight comes
+from the checkpoint. Checkpoints are read with ``torch.load(weights_only=True)``: a Lightning checkpoint written by
+ftlab holds only tensors, numbers, strings and plain containers, so no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ftlab.models.module import ClassificationModule
+from ftlab.utils import runs
+from ftlab.utils.errors import ConfigError, DataError, DataFileError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = ".hydra/config.yaml"
+# Backbone keys that make a constructor load pretrained weights; the checkpoint overwrites them anyway.
+NO_PRETRAINED = {"pretrained": False, "weights": None, "checkpoint": None}
+
+
+@dataclass
+class LoadedRun:
+    """A run folder, its config (``paths.output_dir`` = the folder), the checkpoint used and the module (eval mode)."""
+
+    run_dir: Path
+    cfg: DictConfig
+    ckpt_path: Path
+    module: ClassificationModule
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.module.hparams.get("label_names")
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    """The run's composed config with ``paths.output_dir`` pointing at the run folder (no Hydra runtime needed)."""
+    run_dir = Path(run_dir).expanduser().resolve()
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise DataFileError(
+            f"run={run_dir}: {path} does not exist. Give the folder of a finished ftlab run "
+            "(outputs/<name>/<date>_<time>, the folder that holds .hydra/, checkpoints/ and metrics.json)."
+        )
+    cfg = OmegaConf.load(path)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    return cfg
+
+
+def find_checkpoint(run_dir: Path, ckpt: str | Path | None = None) -> Path:
+    """``ckpt`` if given, else the run's ``best.ckpt``, else its ``last.ckpt``."""
+    if ckpt:
+        path = Path(ckpt).expanduser()
+        if not path.is_file():
+            raise DataFileError(f"ckpt={ckpt}: no such checkpoint file.")
+        return path.resolve()
+    for name in (runs.BEST_CKPT, runs.LAST_CKPT):
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise DataFileError(
+        f"{run_dir} has neither {runs.BEST_CKPT} nor {runs.LAST_CKPT}; give a checkpoint with ckpt=<file>."
+    )
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A Lightning checkpoint as plain data, loaded with ``weights_only=True`` (no code from the file runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{path} holds objects other than tensors and plain values, so it was not loaded (weights_only=True "
+            f"refuses to run pickled code): {str(err).splitlines()[0]}. Only load checkpoints you trust; an "
+            "ftlab checkpoint never needs this."
+        ) from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ModelLoadError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
+
+
+def build_module(
+    cfg: DictConfig, backbone: torch.nn.Module, num_classes: int, label_names: list[str] | None
+) -> ClassificationModule:
+    """Head, fine-tuning policy and :class:`ClassificationModule` around ``backbone``, exactly as ``train`` builds
+    them (the policy matters: a PEFT policy wraps the backbone, so the state dict keys follow it)."""
+    head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=num_classes)
+    return ClassificationModule(
+        backbone,
+        head,
+        instantiate(cfg.finetune),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        num_classes=num_classes,
+        label_names=label_names,
+        **cfg.module,
+    )
+
+
+def offline_backbone_config(cfg: DictConfig) -> DictConfig:
+    """``cfg.model.backbone`` with the pretrained-weight switches off (the checkpoint holds every weight)."""
+    node = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    for key, value in NO_PRETRAINED.items():
+        if key in node:
+            node[key] = value
+    return OmegaConf.create(node)
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], ckpt_path: Path) -> None:
+    """``load_state_dict(strict=True)``; a mismatch is a :class:`ConfigError` that names the differing keys."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label} ({len(keys)}): {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+            if keys
+        ]
+        raise ConfigError(
+            f"The checkpoint {ckpt_path} does not fit the module built from the run's config: "
+            + "; ".join(parts)
+            + ". It was written by another model/finetune config; give the run folder it belongs to, or the "
+            "matching checkpoint with ckpt=<file>."
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
+    """Rebuild the run's module from ``.hydra/config.yaml`` and load ``ckpt`` (default ``best.ckpt``) into it."""
+    cfg = load_run_config(run_dir)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = find_checkpoint(run_dir, ckpt)
+    checkpoint = read_checkpoint(ckpt_path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    if "num_classes" not in hparams or "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"{ckpt_path} is not a checkpoint of an ftlab ClassificationModule (no num_classes hyper-parameter "
+            "or no state_dict)."
+        )
+    backbone = instantiate(offline_backbone_config(cfg))
+    module = build_module(cfg, backbone, int(hparams["num_classes"]), hparams.get("label_names"))
+    load_state(module, checkpoint["state_dict"], ckpt_path)
+    module.eval()
+    return LoadedRun(run_dir, cfg, ckpt_path, module)
+
+
+def datamodule_for(run: LoadedRun, data: DictConfig | None = None) -> Any:
+    """The run's data module (same seeded splits as training), or one from ``data`` whose labels must match.
+
+    ``data`` with a ``_target_`` replaces the run's data config; without one it is merged into it (changed keys).
+    Interpolations (``${seed}``, ``${paths.cache_dir}``) resolve against the run's config.
+    """
+    cfg = run.cfg.copy()
+    if data:
+        with open_dict(cfg):
+            cfg.data = data if "_target_" in data else OmegaConf.merge(cfg.data, data)
+    datamodule = instantiate(cfg.data, preprocessing=run.module.backbone.preprocessing)
+    datamodule.setup("test")
+    names = run.label_names
+    if names is not None and list(datamodule.label_names or []) != list(names):
+        raise DataError(
+            f"The data's labels {datamodule.label_names} are not the run's labels {names} (same names, same "
+            "order). Fix the labels of the data, or fix their set and order with data.labels=[...] "
+            "(data.classes for images)."
+        )
+    return datamodule
+
+
+def batches(module: torch.nn.Module, loader: Any, device: torch.device) -> Any:
+    """Yield ``(batch, logits)`` over a loader, without gradients; tensors on ``device``."""
+    with torch.inference_mode():
+        for batch in loader:
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            yield batch, module(batch)
