@@ -132,7 +132,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(examples=len(labels), checkpoint=str(run.ckpt_path), split=cfg.split)
     runs.write_metrics(out / runs.METRICS_FILE, metrics)
     shown = "\n".join(f"  {k:<20} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    print(f"\nftlab eval: {len(labels)} {cfg.split} examples\n{shown}\n  written to          {out}\n", flush=True)
+    print(
+        f"\nftlab eval: {len(labels)} {cfg.split} examples\n{shown}\n  written to          {out}\n",
+        flush=True,
+    )
     return metrics
 
 

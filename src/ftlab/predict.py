@@ -37,7 +37,9 @@ def is_image_run(run: checkpoints.LoadedRun) -> bool:
 
 
 def _image_files(path: Path) -> list[str]:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    files = (
+        sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    )
     if not files:
         raise DataFileError(f"inputs={path}: the folder holds no image files ({', '.join(IMAGE_SUFFIXES)}).")
     return [str(p) for p in files]
@@ -54,7 +56,7 @@ def read_inputs(cfg: DictConfig, run: checkpoints.LoadedRun) -> tuple[list[str],
     if not path.exists():
         raise DataFileError(
             f"inputs={inputs!r}: no such file or folder. Give a .txt file (one example per line), a table "
-            f"({', '.join(TABLE_SUFFIXES)}), image files or a folder, or strings as a list: inputs='[\"a\",\"b\"]'."
+            f'({", ".join(TABLE_SUFFIXES)}), image files or a folder, or strings as a list: inputs=\'["a","b"]\'.'
         )
     if is_image_run(run):
         return _image_files(path), None
@@ -165,7 +167,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     module = run.module.to(device)
     logits = torch.cat([out.float().cpu() for _, out in checkpoints.batches(module, loader, device)])
     rows = prediction_rows(examples, logits, run.label_names, int(cfg.top_k))
-    output = Path(cfg.output).expanduser() if cfg.get("output") else run.run_dir / "predictions" / "predictions.csv"
+    output = (
+        Path(cfg.output).expanduser()
+        if cfg.get("output")
+        else run.run_dir / "predictions" / "predictions.csv"
+    )
     write_rows(rows, output)
     for row in rows[:10]:
         shown = f"{row['label']:<12} {row['probability']:.3f}" if "label" in row else f"{row['value']:.4f}"

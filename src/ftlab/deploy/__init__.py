@@ -1,0 +1,1 @@
+"""Deployment: export formats checked against the checkpoint, and compression (int8, pruning)."""

@@ -1,0 +1,190 @@
+"""Export formats (TorchScript, ONNX, a plain HF folder), each verified by running the written file.
+
+Every exporter takes the module (eval mode, adapters merged) and example batches from the run's own data, writes
+its file(s) into ``out`` and returns the logits the written artifact computes for those batches; the caller
+compares them with the module's logits (:func:`max_abs_diff`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ftlab.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("hf", "torchscript", "onnx")
+# tanh(eps * x) / eps = x - eps^2 x^3 / 3 + ...: with eps = 1e-3 and |x| < 30 the relative error is below 3e-4.
+CLS_EPS = 1e-3
+
+
+class LogitsModel(nn.Module):
+    """Backbone + head as a function of positional input tensors (names in ``input_names``) -> logits (B, C).
+
+    Built from the module's parts, not the LightningModule itself: tracing that touches ``.trainer``.
+    """
+
+    def __init__(self, module: nn.Module, input_names: list[str]):
+        super().__init__()
+        self.backbone, self.head = module.backbone, module.head
+        self.input_names, self.regression = list(input_names), bool(module.regression)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.backbone(dict(zip(self.input_names, tensors, strict=True))))
+        return logits.squeeze(-1) if self.regression else logits
+
+
+def input_names(batch: dict[str, torch.Tensor]) -> list[str]:
+    """The model inputs of a batch, in a fixed order (everything but ``labels``)."""
+    order = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+    names = [n for n in order if n in batch] + sorted(k for k in batch if k not in order and k != "labels")
+    return names
+
+
+def max_abs_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    return max(
+        float((e.float() - torch.as_tensor(g).float()).abs().max())
+        for e, g in zip(expected, got, strict=True)
+    )
+
+
+def export_torchscript(
+    module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path
+) -> list[torch.Tensor]:
+    """``torch.jit.trace`` of :class:`LogitsModel` on the first batch; checked on every batch after reloading."""
+    names = input_names(batches[0])
+    wrapper = LogitsModel(module, names).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(
+            wrapper, tuple(batches[0][n] for n in names), strict=False, check_trace=False
+        )
+    path = out / "model.pt"
+    torch.jit.save(traced, str(path))
+    loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return [loaded(*(b[n] for n in names)) for b in batches]
+
+
+def export_onnx(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path) -> list[torch.Tensor]:
+    """ONNX with dynamic batch (and sequence) axes, output ``logits``; checked with onnxruntime."""
+    import onnxruntime as ort
+
+    names = input_names(batches[0])
+    wrapper = LogitsModel(module, names).eval()
+    axes = {n: ({0: "batch", 1: "sequence"} if batches[0][n].ndim == 2 else {0: "batch"}) for n in names}
+    axes["logits"] = {0: "batch"}
+    path = out / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            tuple(batches[0][n] for n in names),
+            str(path),
+            input_names=names,
+            output_names=["logits"],
+            dynamic_axes=axes,
+            opset_version=17,
+            dynamo=False,  # the dynamo exporter is slower here and wants dynamic_shapes (STACK.md)
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(session.run(["logits"], {n: b[n].numpy() for n in names})[0]) for b in batches]
+
+
+def _hf_classifier_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The head's linear layer and, for ``pooling=cls``, a pooler that passes [CLS] through (near-)unchanged.
+
+    BERT's ``*ForSequenceClassification`` computes ``classifier(dropout(tanh(pooler.dense(h_cls))))``. A head on
+    ``pooling=pooler`` is exactly that. A head on ``pooling=cls`` is written with ``pooler.dense = eps * I`` and
+    ``classifier.weight / eps`` (``tanh`` is linear near 0; the export check bounds the error). Mean pooling
+    averages every token, which no standard sequence-classification class does: it is refused.
+    """
+    backbone, head = module.backbone, module.head
+    pooling = getattr(backbone, "pooling", None)
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    if len(linears) != 1 or any(isinstance(m, nn.GELU | nn.ReLU | nn.Tanh) for m in head.modules()):
+        raise ConfigError(
+            "format=hf needs a linear head (model.head.hidden_features=null); this run's head has a hidden layer, "
+            "which AutoModelForSequenceClassification cannot hold. Export with format=onnx or format=torchscript."
+        )
+    weight, bias = linears[0].weight.detach().clone(), linears[0].bias.detach().clone()
+    if pooling == "pooler":
+        return weight, bias, {}
+    if pooling == "cls":
+        hidden = weight.shape[1]
+        pooler = {
+            "pooler.dense.weight": CLS_EPS * torch.eye(hidden),
+            "pooler.dense.bias": torch.zeros(hidden),
+        }
+        return weight / CLS_EPS, bias, pooler
+    raise ConfigError(
+        f"format=hf: this run uses model.backbone.pooling={pooling!r}. A standard HF sequence classifier reads "
+        "the [CLS] token through its pooler, so mean pooling cannot be written as one without changing the "
+        "predictions. Export this run with format=onnx or format=torchscript (they keep mean pooling), or train "
+        "with model.backbone.pooling=cls or pooling=pooler for an AutoModelForSequenceClassification folder."
+    )
+
+
+def export_hf(
+    module: nn.Module,
+    batches: list[dict[str, torch.Tensor]],
+    out: Path,
+    label_names: list[str] | None,
+    max_length: int,
+) -> list[torch.Tensor]:
+    """A ``save_pretrained`` folder (config with id2label/label2id, weights, tokenizer) for
+    ``AutoModelForSequenceClassification``; checked by loading it back with transformers alone."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    backbone = module.backbone
+    encoder = getattr(backbone, "model", None)
+    if not hasattr(backbone, "preprocessing") or not hasattr(backbone.preprocessing, "tokenizer"):
+        raise ConfigError(
+            "format=hf exports HF text models; for an image run use format=onnx or format=torchscript."
+        )
+    weight, bias, pooler = _hf_classifier_weights(module)
+    names = label_names or [str(i) for i in range(weight.shape[0])]
+    config = encoder.config.__class__.from_dict(encoder.config.to_dict())
+    config.num_labels = len(names)
+    config.id2label = dict(enumerate(names))
+    config.label2id = {n: i for i, n in enumerate(names)}
+    config.architectures = None
+    model = AutoModelForSequenceClassification.from_config(config)
+    base = getattr(model, model.base_model_prefix)
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(classifier, nn.Linear) or getattr(base, "pooler", None) is None:
+        raise ConfigError(
+            f"format=hf supports encoders whose sequence classifier is pooler + linear layer (BERT family); "
+            f"{type(model).__name__} is built differently. Export with format=onnx or format=torchscript."
+        )
+    state = {**encoder.state_dict(), **pooler}
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(
+            f"format=hf: the encoder's weights do not fit {type(model).__name__}: {missing + unexpected}"
+        )
+    classifier.weight.data.copy_(weight)
+    classifier.bias.data.copy_(bias)
+    model.save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(backbone.preprocessing.tokenizer)
+    tokenizer.model_max_length = max_length  # training truncated here
+    tokenizer.save_pretrained(out)
+    loaded = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [loaded(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
+
+
+def export(
+    fmt: str, module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path, **hf: Any
+) -> list[torch.Tensor]:
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}.")
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "torchscript":
+        return export_torchscript(module, batches, out)
+    if fmt == "onnx":
+        return export_onnx(module, batches, out)
+    return export_hf(module, batches, out, **hf)
