@@ -1,0 +1,270 @@
+"""After training: eval reproduces the run's metrics, predict matches the module, exports round-trip, compression.
+
+One tiny run (tiny BERT, CLS pooling so that the HF export applies) is trained once for the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from ftlab.data.text import PadCollator, load_tokenizer, tokenize_cached
+from ftlab.deploy import formats
+from ftlab.evaluate import evaluate
+from ftlab.export import ExportCheckError, export
+from ftlab.predict import predict
+from ftlab.train import train
+from ftlab.utils import checkpoints
+from ftlab.utils.errors import ConfigError, DataFileError, ModelLoadError
+
+from conftest import CONF_DIR, compose_cfg, read_json, run_cli, tiny_reviews, tiny_text_overrides
+
+TEXTS = [
+    "a wonderful, moving film",
+    "boring and far too long",
+    "superb",
+    "nothing works here",
+    "funny and warm",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("after")
+    csv = tmp / "reviews.csv"
+    tiny_reviews().to_csv(csv, index=False)
+    overrides = tiny_text_overrides(csv, tmp) + ["trainer.max_epochs=3", "model.backbone.pooling=cls"]
+    cfg = compose_cfg(overrides, tmp / "run")
+    train(cfg)
+    (tmp / "run" / ".hydra").mkdir()
+    OmegaConf.save(
+        cfg, tmp / "run" / ".hydra" / "config.yaml"
+    )  # what a Hydra run writes; train() alone does not
+    return tmp / "run"
+
+
+def entry_cfg(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def module_labels(run_dir: Path, texts: list[str]) -> list[str]:
+    """The in-memory module's argmax labels, with the training data path's own tokenization and padding."""
+    run = checkpoints.load_run(run_dir)
+    tokenizer = load_tokenizer(run.module.backbone.preprocessing.tokenizer)
+    arrays = tokenize_cached(tokenizer, texts, None, int(run.cfg.data.max_length), None)
+    items = [
+        {"input_ids": arrays["input_ids"][a:b], "labels": 0}
+        for a, b in zip(arrays["offsets"][:-1], arrays["offsets"][1:], strict=True)
+    ]
+    with torch.no_grad():
+        logits = run.module(PadCollator(tokenizer.pad_token_id)(items))
+    return [run.label_names[i] for i in logits.argmax(-1).tolist()]
+
+
+def test_eval_reproduces_the_test_metrics_of_training(run_dir):
+    recorded = read_json(run_dir / "metrics.json")
+    before = (run_dir / "metrics.json").stat().st_mtime_ns
+    metrics = evaluate(entry_cfg("eval", [f"run={run_dir}", "split=test"]))
+    for key in ("test/acc", "test/f1", "test/precision", "test/recall", "test/loss"):
+        assert metrics[key] == pytest.approx(recorded[key], abs=1e-6), key
+    out = run_dir / "eval" / "test"
+    assert read_json(out / "metrics.json")["test/acc"] == metrics["test/acc"]
+    report = pd.read_csv(out / "per_class.csv")
+    assert report["label"].tolist() == ["neg", "pos"] and report["support"].sum() == metrics["examples"]
+    matrix = pd.read_csv(out / "confusion_matrix.csv", index_col=0)
+    assert np.trace(matrix.to_numpy()) == round(metrics["test/acc"] * metrics["examples"])
+    assert (out / "confusion_matrix.png").stat().st_size > 1000
+    assert (run_dir / "metrics.json").stat().st_mtime_ns == before  # the training record is untouched
+
+
+def test_eval_cli_on_another_split(run_dir, tmp_path):
+    proc = run_cli("evaluate", [f"run={run_dir}", "split=validation"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "validation/f1_micro" in proc.stdout and "precision" in proc.stdout
+    assert read_json(run_dir / "eval" / "validation" / "metrics.json")["examples"] == 8
+    assert not list(tmp_path.iterdir())  # nothing written into the working directory
+    bad = run_cli("evaluate", [f"run={tmp_path}"], cwd=tmp_path)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_predict_matches_the_module_on_strings_text_files_and_tables(run_dir, tmp_path):
+    expected = module_labels(run_dir, TEXTS)
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS[:2]) + "\n\n" + "\n".join(TEXTS[2:]) + "\n")
+    pd.DataFrame({"body": TEXTS, "id": range(5)}).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
+    cases = {
+        "list.csv": ["inputs=" + json.dumps(TEXTS)],
+        "txt.jsonl": [f"inputs={tmp_path / 'in.txt'}"],
+        "table.csv": [f"inputs={tmp_path / 'in.jsonl'}", "column=body"],
+    }
+    for name, args in cases.items():
+        out = tmp_path / name
+        result = predict(
+            entry_cfg("predict", [f"run={run_dir}", f"output={out}", "top_k=2", "batch_size=2", *args])
+        )
+        rows = (
+            pd.read_csv(out).to_dict("records")
+            if out.suffix == ".csv"
+            else [json.loads(line) for line in out.read_text().splitlines()]
+        )
+        assert result["examples"] == 5 and [r["input"] for r in rows] == TEXTS, name
+        assert [r["label"] for r in rows] == expected, name
+        for r in rows:
+            top = (
+                r["top_k"]
+                if "top_k" in r
+                else [{"probability": r["top1_probability"]}, {"probability": r["top2_probability"]}]
+            )
+            assert top[0]["probability"] == pytest.approx(r["probability"]) and r["probability"] >= 0.5
+            assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_errors_name_the_input(run_dir, tmp_path):
+    with pytest.raises(DataFileError, match="no such file or folder"):
+        predict(entry_cfg("predict", [f"run={run_dir}", f"inputs={tmp_path / 'missing.txt'}"]))
+    pd.DataFrame({"body": TEXTS}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match="column='review' is not a column"):
+        predict(entry_cfg("predict", [f"run={run_dir}", f"inputs={tmp_path / 't.csv'}"]))
+
+
+def test_a_checkpoint_from_another_config_is_refused(run_dir, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run_dir / ".hydra", other / ".hydra")
+    cfg = yaml.safe_load((other / ".hydra" / "config.yaml").read_text())
+    cfg["model"]["backbone"]["config_overrides"]["num_hidden_layers"] = 1
+    (other / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"unexpected \(16\): backbone.model.encoder.layer.1"):
+        checkpoints.load_run(other, run_dir / "checkpoints" / "best.ckpt")
+
+
+def test_checkpoints_load_weights_only(run_dir, tmp_path):
+    checkpoint = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["evil"] = Path(
+        "/"
+    )  # any non-allow-listed object: its pickle would run code
+    torch.save(checkpoint, tmp_path / "evil.ckpt")
+    with pytest.raises(ModelLoadError, match="weights_only=True"):
+        checkpoints.load_run(run_dir, tmp_path / "evil.ckpt")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "hf"])
+def test_each_export_format_round_trips_within_tolerance(run_dir, tmp_path, fmt):
+    out = tmp_path / fmt
+    record = export(entry_cfg("export", [f"run={run_dir}", f"format={fmt}", f"output_dir={out}"]))
+    assert record["max_abs_diff"] <= 1e-4 and record["same_labels"] and record["examples_checked"] == 11
+    assert read_json(out / "export.json")["max_abs_diff"] == record["max_abs_diff"]
+    if fmt == "onnx":  # dynamic axes: another batch size and sequence length than the traced one
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+        ids = np.array([[101, 2307, 2143, 999, 102, 0, 0]] * 5, dtype=np.int64)
+        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)})
+        assert logits.shape == (5, 2)
+
+
+HF_SCRIPT = """
+import json, sys
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+folder, texts = sys.argv[1], json.loads(sys.argv[2])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+logits = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).logits
+assert not any(name.startswith("ftlab") for name in sys.modules)
+print(json.dumps([model.config.id2label[i] for i in logits.argmax(-1).tolist()]))
+"""
+
+
+def test_hf_folder_loads_with_plain_transformers_and_predicts_the_same_labels(run_dir, tmp_path):
+    out = tmp_path / "hf"
+    export(entry_cfg("export", [f"run={run_dir}", "format=hf", f"output_dir={out}"]))
+    assert read_json(out / "config.json")["id2label"] == {"0": "neg", "1": "pos"}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(HF_SCRIPT), str(out), json.dumps(TEXTS)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+        },  # no PYTHONPATH: ftlab cannot be imported by accident
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == module_labels(run_dir, TEXTS)
+
+
+def test_hf_export_refuses_what_it_cannot_express_and_checks_tolerance(run_dir, tmp_path):
+    run = checkpoints.load_run(run_dir)
+    run.module.backbone.pooling = "mean"
+    with pytest.raises(ConfigError, match="mean pooling cannot be written"):
+        formats.export_hf(run.module, [], tmp_path, label_names=None, max_length=16)
+    cfg = entry_cfg(
+        "export", [f"run={run_dir}", "format=hf", f"output_dir={tmp_path / 'hf'}", "tolerance=1e-12"]
+    )
+    with pytest.raises(ExportCheckError, match="more than tolerance=1e-12"):
+        export(cfg)
+
+
+def test_hf_export_of_pooler_pooling_is_exact(tmp_path, reviews_csv):
+    cfg = compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + ["model.backbone.pooling=pooler"])
+    from hydra.utils import instantiate
+
+    torch.manual_seed(0)
+    module = checkpoints.build_module(cfg, instantiate(cfg.model.backbone), 3, ["a", "b", "c"]).eval()
+    batch = {"input_ids": torch.tensor([[101, 2307, 102, 0], [101, 2307, 2143, 102]])}
+    batch["attention_mask"] = (batch["input_ids"] > 0).long()
+    with torch.no_grad():
+        expected = module(batch)
+    got = formats.export_hf(module, [batch], tmp_path / "hf", label_names=["a", "b", "c"], max_length=16)
+    assert formats.max_abs_diff([expected], got) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["int8", "prune"])
+def test_compression_is_smaller_and_reports_accuracy_size_and_latency(run_dir, tmp_path, method):
+    out = tmp_path / method
+    record = export(
+        entry_cfg(
+            "export", [f"run={run_dir}", f"compress={method}", f"output_dir={out}", "benchmark.repeats=2"]
+        )
+    )
+    original, variant = record["rows"]
+    assert variant["model"] == method and 0.0 <= variant["accuracy"] <= 1.0
+    assert original["accuracy"] == pytest.approx(read_json(run_dir / "metrics.json")["test/acc"])
+    assert variant["latency_ms"] > 0 and original["latency_ms"] > 0
+    if method == "int8":
+        assert variant["size_mb"] < original["size_mb"]
+    else:  # unstructured zeros: the dense file keeps its size, gzip shows the saving
+        assert (
+            variant["sparsity"] == pytest.approx(0.5, abs=0.01) and variant["gzip_mb"] < original["gzip_mb"]
+        )
+    assert (out / "compression.md").read_text().startswith("| model | test acc")
+    loaded = torch.jit.load(str(out / f"{method}.pt"))  # self-contained TorchScript
+    ids = torch.tensor([[101, 2307, 102]])
+    assert loaded(ids, torch.ones_like(ids)).shape == (1, 2)
+
+
+def test_pruning_with_a_short_finetune_keeps_the_zeros(run_dir, tmp_path):
+    cfg = entry_cfg(
+        "export",
+        [
+            f"run={run_dir}",
+            "compress=prune",
+            "prune.fraction=0.7",
+            "prune.finetune_epochs=1",
+            f"output_dir={tmp_path}",
+        ],
+    )
+    variant = export(cfg)["rows"][1]
+    assert variant["sparsity"] == pytest.approx(0.7, abs=0.01) and variant["accuracy"] >= 0.5
