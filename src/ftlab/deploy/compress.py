@@ -80,16 +80,18 @@ def file_sizes(path: Path) -> tuple[float, float]:
     return sizes
 
 
-def latency_ms(module: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> float:
-    """Median wall time of one forward pass on ``batch`` (CPU, after two warm-up passes)."""
-    times = []
+def latencies_ms(models: list[nn.Module], batch: dict[str, torch.Tensor], repeats: int) -> list[float]:
+    """Median wall time of one forward pass on ``batch`` per model (CPU). The models take turns, pass by pass, so
+    a slow spell of a shared machine hits all of them alike rather than whichever was measured then."""
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for i in range(repeats + 2):
-            start = time.perf_counter()
-            module(batch)
-            if i >= 2:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for i in range(repeats + 3):  # three warm-up rounds
+            for model, record in zip(models, times, strict=True):
+                start = time.perf_counter()
+                model(batch)
+                if i >= 3:
+                    record.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def accuracy(module: nn.Module, loader: Any) -> float:
@@ -166,7 +168,10 @@ def compress(
     bench = next(iter(datamodule.test_dataloader()))
     bench = {k: v[: int(cfg.benchmark.batch_size)] for k, v in bench.items()}
     rows = []
-    for name, model, zeros in (("original", original, 0.0), (method, variant, sparsity)):
+    timings = latencies_ms([original, variant], bench, int(cfg.benchmark.repeats))
+    for (name, model, zeros), latency in zip(
+        (("original", original, 0.0), (method, variant, sparsity)), timings, strict=True
+    ):
         path = out / f"{name}.pt"
         save_torchscript(model, bench, path)
         size, gz = file_sizes(path)
@@ -177,7 +182,7 @@ def compress(
                 "accuracy": accuracy(model, datamodule.test_dataloader()),
                 "size_mb": size,
                 "gzip_mb": gz,
-                "latency_ms": latency_ms(model, bench, int(cfg.benchmark.repeats)),
+                "latency_ms": latency,
                 "sparsity": zeros,
             }
         )
