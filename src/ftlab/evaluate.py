@@ -41,7 +41,7 @@ def pick_device(name: str) -> torch.device:
 def user_data(cfg: DictConfig) -> DictConfig | None:
     """The ``data`` node given on the command line, unresolved (``${seed}`` resolves against the run's config)."""
     node = cfg.get("data")
-    return OmegaConf.create(OmegaConf.to_container(node, resolve=False)) if node else None
+    return DictConfig(OmegaConf.to_container(node, resolve=False)) if node else None
 
 
 def collect(module: torch.nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         values["loss"] = float(F.mse_loss(logits.squeeze(-1), labels.float()))
     else:
         names = run.label_names or [str(i) for i in range(logits.shape[-1])]
-        values = classification_metrics(logits, labels, names, run.module.hparams.label_smoothing)
+        values = classification_metrics(logits, labels, names, run.module.hparams["label_smoothing"])
         report, matrix = per_class(logits.argmax(-1).numpy(), labels.numpy(), names)
         report.to_csv(out / "per_class.csv", index=False)
         matrix.to_csv(out / "confusion_matrix.csv")

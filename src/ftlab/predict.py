@@ -86,7 +86,8 @@ def text_batches(
     """Tokenized as in training: the run's tokenizer, truncation at ``data.max_length``, padding per batch."""
     from ftlab.data.text import load_tokenizer
 
-    tokenizer = load_tokenizer(run.module.backbone.preprocessing.tokenizer)
+    preprocessing: Any = run.module.backbone.preprocessing
+    tokenizer = load_tokenizer(preprocessing.tokenizer)
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(
             texts[start : start + batch_size],

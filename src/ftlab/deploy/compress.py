@@ -39,7 +39,7 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {nn.Linear}, dtype=torch.qint8)
 
 
-def _linear_weights(module: nn.Module) -> list[tuple[nn.Module, str]]:
+def _linear_weights(module: nn.Module) -> list[tuple[Any, str]]:
     return [(m, "weight") for m in module.modules() if isinstance(m, nn.Linear)]
 
 
@@ -51,7 +51,7 @@ def magnitude_prune(
     if not 0.0 < fraction < 1.0:
         raise ConfigError(f"prune.fraction={fraction} must be between 0 and 1 (exclusive).")
     pruned = copy.deepcopy(module)
-    targets = _linear_weights(pruned)
+    targets: list[tuple[Any, str]] = _linear_weights(pruned)
     prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=fraction)
     if finetune is not None:
         finetune(pruned)  # the masks stay applied while training: pruned weights stay zero
@@ -108,7 +108,7 @@ def _finetuner(
     if epochs <= 0:
         return None
 
-    def finetune(module: nn.Module) -> None:
+    def finetune(module: Any) -> None:
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="cpu",

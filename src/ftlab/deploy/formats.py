@@ -29,7 +29,7 @@ class LogitsModel(nn.Module):
     Built from the module's parts, not the LightningModule itself: tracing that touches ``.trainer``.
     """
 
-    def __init__(self, module: nn.Module, input_names: list[str]):
+    def __init__(self, module: Any, input_names: list[str]):
         super().__init__()
         self.backbone, self.head = module.backbone, module.head
         self.input_names, self.regression = list(input_names), bool(module.regression)
@@ -94,7 +94,7 @@ def export_onnx(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: 
     return [torch.from_numpy(session.run(["logits"], {n: b[n].numpy() for n in names})[0]) for b in batches]
 
 
-def _hf_classifier_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def _hf_classifier_weights(module: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The head's linear layer and, for ``pooling=cls``, a pooler that passes [CLS] through (near-)unchanged.
 
     BERT's ``*ForSequenceClassification`` computes ``classifier(dropout(tanh(pooler.dense(h_cls))))``. A head on
@@ -140,7 +140,7 @@ def export_hf(
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     backbone = module.backbone
-    encoder = getattr(backbone, "model", None)
+    encoder: Any = getattr(backbone, "model", None)
     if not hasattr(backbone, "preprocessing") or not hasattr(backbone.preprocessing, "tokenizer"):
         raise ConfigError(
             "format=hf exports HF text models; for an image run use format=onnx or format=torchscript."

@@ -52,7 +52,7 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
             f"run={run_dir}: {path} does not exist. Give the folder of a finished ftlab run "
             "(outputs/<name>/<date>_<time>, the folder that holds .hydra/, checkpoints/ and metrics.json)."
         )
-    cfg = OmegaConf.load(path)
+    cfg: Any = OmegaConf.load(path)
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     return cfg
@@ -107,11 +107,11 @@ def build_module(
 
 def offline_backbone_config(cfg: DictConfig) -> DictConfig:
     """``cfg.model.backbone`` with the pretrained-weight switches off (the checkpoint holds every weight)."""
-    node = OmegaConf.to_container(cfg.model.backbone, resolve=True)
+    node: Any = OmegaConf.to_container(cfg.model.backbone, resolve=True)
     for key, value in NO_PRETRAINED.items():
         if key in node:
             node[key] = value
-    return OmegaConf.create(node)
+    return DictConfig(node)
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], ckpt_path: Path) -> None:
