@@ -1,0 +1,79 @@
+"""After training, image runs: eval, predict on image files, export. Needs the image family (ftlab.data.image)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+pytest.importorskip("ftlab.data.image", reason="the image family is not in this checkout yet")
+
+from ftlab.evaluate import evaluate  # noqa: E402
+from ftlab.export import export  # noqa: E402
+from ftlab.predict import predict  # noqa: E402
+from ftlab.train import train  # noqa: E402
+from ftlab.utils import checkpoints  # noqa: E402
+from ftlab.utils.errors import ConfigError  # noqa: E402
+
+from conftest import CONF_DIR, read_json  # noqa: E402
+
+
+def entry_cfg(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("image_after")
+    overrides = [
+        "data=digits",
+        "model=tiny_resnet",
+        "model.backbone.input_size=16",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        f"paths.cache_dir={tmp}/cache",
+        "callbacks.progress_bar.kind=log",
+    ]
+    cfg = entry_cfg("train", overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp / "run")
+    train(cfg)
+    (tmp / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp / "run" / ".hydra" / "config.yaml")  # what a Hydra run writes
+    return tmp / "run"
+
+
+def test_image_eval_reproduces_training_and_predict_matches_the_module(image_run, tmp_path):
+    recorded = read_json(image_run / "metrics.json")
+    metrics = evaluate(entry_cfg("eval", [f"run={image_run}"]))
+    assert metrics["test/acc"] == pytest.approx(recorded["test/acc"], abs=1e-6)
+    assert metrics["test/loss"] == pytest.approx(recorded["test/loss"], abs=1e-5)
+
+    run = checkpoints.load_run(image_run)
+    dataset = checkpoints.datamodule_for(run).datasets["test"]
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):  # PNG is lossless: the files hold exactly the test images
+        Image.fromarray(np.asarray(dataset.images[i]).squeeze()).save(folder / f"{i:02d}.png")
+    with torch.no_grad():
+        logits = run.module({"pixel_values": torch.stack([dataset[i]["pixel_values"] for i in range(6)])})
+    expected = [run.label_names[i] for i in logits.argmax(-1).tolist()]
+    out = tmp_path / "preds.csv"
+    predict(entry_cfg("predict", [f"run={image_run}", f"inputs={folder}", f"output={out}"]))
+    assert pd.read_csv(out)["label"].astype(str).tolist() == expected
+
+
+def test_image_onnx_export_round_trips_and_hf_is_refused(image_run, tmp_path):
+    record = export(entry_cfg("export", [f"run={image_run}", "format=onnx", f"output_dir={tmp_path}"]))
+    assert record["inputs"] == ["pixel_values"] and record["max_abs_diff"] <= 1e-4 and record["same_labels"]
+    with pytest.raises(ConfigError, match="format=hf exports HF text models"):
+        export(entry_cfg("export", [f"run={image_run}", "format=hf", f"output_dir={tmp_path / 'hf'}"]))
