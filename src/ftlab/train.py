@@ -13,11 +13,13 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ftlab.callbacks import BestScore, EpochSeed
+from ftlab.models.backbones.checkpoints import BACKBONE_FILE
 from ftlab.models.module import ClassificationModule
 from ftlab.utils import runs
 from ftlab.utils.errors import FtlabError
@@ -62,6 +64,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     has_best = trainer.checkpoint_callback is not None and bool(trainer.checkpoint_callback.best_model_path)
     tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False)
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
+    if trainer.is_global_zero:  # test loaded the best checkpoint's weights: the backbone alone, for transfer
+        torch.save(module.backbone.state_dict(), output_dir / BACKBONE_FILE)
+    if getattr(backbone, "loaded_checkpoint", None):
+        metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
     metrics.update(counts)
     metrics.update(wall_time_s=round(time.perf_counter() - start, 2), seed=cfg.seed, overrides=_overrides())
