@@ -142,7 +142,7 @@ def test_backbone_transfer_between_runs(tmp_path):
             "data.classes=[0,1,2,3,4]",
             "model=tiny_resnet",
             "model.backbone.input_size=16",
-            "debug=limit",
+            "debug=fdr",
         ],
     )
     target = tmp_path / "target"
@@ -155,7 +155,7 @@ def test_backbone_transfer_between_runs(tmp_path):
             "model.backbone.input_size=16",
             f"model.backbone.checkpoint={source}",
             "finetune=head_only",
-            "debug=limit",
+            "debug=fdr",
         ],
     )
     assert metrics["backbone_checkpoint"] == str(source / "backbone.pt")
@@ -206,3 +206,23 @@ def test_transferred_backbone_beats_a_random_frozen_resnet18(tmp_path):
         transferred["test/acc"],
         scratch["test/acc"],
     )
+
+
+def test_cli_reports_a_bad_backbone_checkpoint_without_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "ftlab.train",
+        "data=digits",
+        "model=tiny_resnet",
+        "debug=fdr",
+        f"model.backbone.checkpoint={tmp_path / 'missing_run'}",
+        f"paths.log_dir={tmp_path}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy(), timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "model.backbone.checkpoint=" in result.stderr and "Traceback" not in result.stderr

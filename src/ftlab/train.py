@@ -15,6 +15,7 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -31,6 +32,16 @@ def _overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``, but a user error raised by the constructor surfaces as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, FtlabError):
+            raise err.__cause__ from None
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; returns the metrics also written to ``metrics.json``."""
     start = time.perf_counter()
@@ -41,8 +52,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         runs.check_fresh(output_dir)
 
     pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
-    backbone = instantiate(cfg.model.backbone)
-    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    backbone = _instantiate(cfg.model.backbone)
+    datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
     head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
     module = ClassificationModule(
