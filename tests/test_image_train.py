@@ -185,7 +185,7 @@ def test_transferred_backbone_beats_a_random_frozen_resnet18(tmp_path):
         [
             *common,
             "data.classes=[0,1,2,3,4]",
-            "data.max_train_examples=1200",
+            "data.max_train_examples=2000",
             "optimizer.lr=1e-3",
             "trainer.max_epochs=2",
         ],
@@ -195,8 +195,8 @@ def test_transferred_backbone_beats_a_random_frozen_resnet18(tmp_path):
         "data.classes=[5,6,7,8,9]",
         "data.max_train_examples=500",
         "finetune=head_only",
-        "optimizer.lr=3e-3",
-        "trainer.max_epochs=3",
+        "optimizer.lr=1e-2",
+        "trainer.max_epochs=5",
         "scheduler=constant",
     ]
     transferred = run(tmp_path / "target", [*target, f"model.backbone.checkpoint={tmp_path / 'source'}"])
