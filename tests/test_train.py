@@ -181,3 +181,20 @@ def test_regression_task_trains_with_mse(tmp_path):
     ]
     metrics = train(compose_cfg(overrides, tmp_path / "run"))
     assert {"test/mse", "test/mae", "test/r2"} <= set(metrics) and "test/acc" not in metrics
+
+
+@pytest.mark.slow
+def test_pretrained_minilm_learns_real_reviews_quickly(tmp_path):
+    """The real path at a small budget: embedded MiniLM on 1,000 Rotten Tomatoes reviews, one epoch."""
+    overrides = [
+        "data.max_train_examples=1000",
+        "data.max_length=32",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=10",
+        "trainer.limit_test_batches=20",
+        "callbacks.progress_bar.kind=log",
+        "optimizer.lr=1e-4",
+    ]
+    metrics = train(compose_cfg(overrides, tmp_path / "run"))
+    assert metrics["test/acc"] >= 0.72  # majority class: 0.578; the full demo reaches 0.82

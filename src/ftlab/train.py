@@ -13,11 +13,14 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
+from ftlab.models.backbones.checkpoints import BACKBONE_FILE
 from ftlab.models.module import ClassificationModule
 from ftlab.utils import jobs, runs
 from ftlab.utils.errors import FtlabError
@@ -33,6 +36,17 @@ def _overrides(output_dir: Path, resumed: bool) -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
+def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate``; a user error raised by the constructor surfaces as itself, not wrapped by Hydra."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        user = runs.user_error(err)
+        if user is None:
+            raise
+        raise user from None
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; returns the metrics also written to ``metrics.json``."""
     start = time.perf_counter()
@@ -43,14 +57,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         runs.check_fresh(output_dir)
 
     pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
-    backbone = instantiate(cfg.model.backbone)
-    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    backbone = _instantiate(cfg.model.backbone)
+    datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
-    head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
+    head = _instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
     module = ClassificationModule(
         backbone,
         head,
-        instantiate(cfg.finetune),
+        _instantiate(cfg.finetune),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         num_classes=datamodule.num_classes,
@@ -77,6 +91,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False
     )
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
+    if (
+        cfg.save_backbone and trainer.is_global_zero
+    ):  # test loaded the best weights: the backbone alone, for transfer
+        torch.save(module.backbone.state_dict(), output_dir / BACKBONE_FILE)
+    if getattr(backbone, "loaded_checkpoint", None):
+        metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
     metrics.update(counts)
     metrics.update(

@@ -184,6 +184,7 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     try:
         metrics = train(cfg)
     except Exception as err:
+        err = runs.user_error(err) or err  # the user error behind Hydra's InstantiationException, if any
         write_status(
             output_dir,
             "failed",

@@ -1,0 +1,263 @@
+"""Image classification data: read a source, split, sample, transform per the backbone's preprocessing."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from ftlab.data import sampling
+from ftlab.data.image_sources import (
+    EMBEDDED_IMAGES,
+    IMAGE_SOURCES,
+    Split,
+    load_embedded,
+    load_image_folder,
+    load_torchvision,
+)
+from ftlab.data.labels import LabelMap
+from ftlab.data.samplers import SeededShuffleSampler
+from ftlab.data.sources import SPLITS
+from ftlab.utils.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """What the data side needs from an image backbone: square input size, channels, normalisation."""
+
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _to_tensor(image: Any) -> torch.Tensor:
+    """A uint8 array (H, W) / (H, W, C) or a PIL image -> uint8 tensor (C, H, W)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class Channels(torch.nn.Module):
+    """Grayscale -> ``channels`` copies; RGB(A) -> 3 channels, or luminance when 1 channel is wanted."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # (C, H, W) uint8
+        if image.shape[0] == 4:
+            image = image[:3]
+        if image.shape[0] == self.channels:
+            return image
+        if image.shape[0] == 1:
+            return image.expand(self.channels, -1, -1).contiguous()
+        return v2.functional.rgb_to_grayscale(image, num_output_channels=self.channels)
+
+
+def build_transform(preprocessing: ImagePreprocessing, augment: str, train: bool) -> v2.Compose:
+    """uint8 (C, H, W) -> normalised float (channels, size, size); train-time augmentation when ``train``."""
+    size = preprocessing.input_size
+    steps: list[torch.nn.Module] = [Channels(preprocessing.channels)]
+    if train and augment != "none":
+        steps += [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        if augment == "randaugment":
+            steps.append(v2.RandAugment())
+        elif augment == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
+    else:  # resize the short side, then centre-crop: a square image is simply resized
+        steps += [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(preprocessing.mean), list(preprocessing.std)),
+    ]
+    return v2.Compose(steps)
+
+
+class ImageDataset(Dataset):
+    """Images in memory (uint8 array) or on disk (object array of paths) with class ids."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: v2.Compose):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _read(self, index: int) -> torch.Tensor:
+        item = self.images[index]
+        if not isinstance(item, str):
+            return _to_tensor(item)
+        from PIL import Image
+
+        try:
+            with Image.open(item) as image:
+                return _to_tensor(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
+        except OSError as err:
+            raise DataError(f"The image {item} cannot be read ({err}). Remove or replace the file.") from err
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixels = self.transform(self._read(index))
+        return {"pixel_values": pixels, "labels": torch.as_tensor(self.labels[index], dtype=torch.long)}
+
+
+class ImageClassificationDataModule(pl.LightningDataModule):
+    """Images with one class each, from an embedded set, an image folder tree or a torchvision dataset.
+
+    Args:
+        preprocessing: the backbone's :class:`ImagePreprocessing` (input size, channels, mean/std).
+        source: ``mnist5k``, ``digits``, ``lfw_faces`` (embedded), ``image_folder`` or ``torchvision``.
+        root, val_root, test_root: folders for ``image_folder`` (``<root>/<class>/<image>``); ``root`` is also
+            where a ``torchvision`` dataset lies (or is downloaded to).
+        name, download: the ``torchvision.datasets`` class name and whether it may be downloaded.
+        classes: keep only these classes, re-indexed in this order (e.g. digits 5-9 become ids 0-4).
+        val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
+        max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
+        augment: train-time augmentation: ``none``, ``basic`` (random resized crop + flip), ``randaugment`` or
+            ``trivialaugment`` (basic plus that policy).
+        batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
+    """
+
+    task = "classification"
+
+    def __init__(
+        self,
+        preprocessing: ImagePreprocessing,
+        source: str = "mnist5k",
+        root: str | None = None,
+        val_root: str | None = None,
+        test_root: str | None = None,
+        name: str | None = None,
+        download: bool = False,
+        classes: list[Any] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_train_examples: int | None = None,
+        examples_per_class: int | None = None,
+        augment: str = "none",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if source not in IMAGE_SOURCES:
+            raise ConfigError(
+                f"data.source={source!r} is not supported; use one of {', '.join(IMAGE_SOURCES)}."
+            )
+        if augment not in AUGMENTATIONS:
+            raise ConfigError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTATIONS)}.")
+        self.preprocessing, self.source = preprocessing, source
+        self.source_args = dict(
+            root=root, val_root=val_root, test_root=test_root, name=name, download=download
+        )
+        self.keep_classes = [str(c) for c in classes] if classes is not None else None
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
+        self.augment, self.seed = augment, seed
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
+        self.num_workers = num_workers
+        self.label_map: LabelMap | None = None
+        self.datasets: dict[str, ImageDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        assert self.label_map is not None
+        return self.label_map.num_classes
+
+    @property
+    def label_names(self) -> list[str] | None:
+        self.setup()
+        assert self.label_map is not None
+        return self.label_map.names
+
+    def _load(self) -> dict[str, Split]:
+        args = self.source_args
+        if self.source in EMBEDDED_IMAGES:
+            return load_embedded(self.source)
+        if self.source == "image_folder":
+            return load_image_folder(args["root"], args["val_root"], args["test_root"])
+        return load_torchvision(args["name"], args["root"], bool(args["download"]))
+
+    def _keep(self, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
+        if self.keep_classes is None:
+            return images, labels
+        mask = np.isin(labels, self.keep_classes)
+        if not mask.any():
+            found = sorted(set(labels.tolist()))[:20]
+            raise DataError(
+                f"data.classes={self.keep_classes} keeps no {split} images; the classes in the data are {found}."
+            )
+        return images[mask], labels[mask]
+
+    def _split(self, splits: dict[str, Split]) -> dict[str, Split]:
+        """Hold out validation/test from train when the source lacks them; then subset the training split."""
+        images, labels = splits["train"]
+        total = len(labels)
+        for split, fraction, key in (
+            ("test", self.test_fraction, "data.test_fraction"),
+            ("validation", self.val_fraction, "data.val_fraction"),
+        ):
+            if split not in splits:  # fractions are of the whole source, as for text
+                rest, held = sampling.split_off(
+                    labels, min(fraction * total / len(labels), 0.99), self.seed, key
+                )
+                splits[split] = (images[held], labels[held])
+                images, labels = images[rest], labels[rest]
+        if self.examples_per_class is not None:
+            keep = sampling.few_shot(labels, self.examples_per_class, self.seed)
+            images, labels = images[keep], labels[keep]
+        if self.max_train_examples is not None:
+            keep = sampling.subsample(labels, self.max_train_examples, self.seed)
+            images, labels = images[keep], labels[keep]
+        splits["train"] = (images, labels)
+        return splits
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.label_map is not None:
+            return
+        splits = {split: self._keep(split, *pair) for split, pair in self._load().items()}
+        splits = self._split(splits)
+        self.label_map = LabelMap.from_train(splits["train"][1].tolist(), self.task, self.keep_classes)
+        for split in SPLITS:
+            images, labels = splits[split]
+            ids = self.label_map.encode(labels.tolist(), split, "the class names")
+            transform = build_transform(self.preprocessing, self.augment, train=split == "train")
+            self.datasets[split] = ImageDataset(images, ids, transform)
+        sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
+        log.info("Image data %s: %s; %d classes.", self.source, sizes, self.label_map.num_classes)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self.datasets[split]
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            sampler=SeededShuffleSampler(len(dataset), self.seed, epoch) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.label_map.to_dict() if self.label_map else None}
