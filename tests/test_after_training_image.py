@@ -1,4 +1,4 @@
-"""After training, image runs: eval, predict on image files, export. Needs the image family (ftlab.data.image)."""
+"""After training, image runs: eval, predict on image files, export."""
 
 from __future__ import annotations
 
@@ -11,16 +11,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-pytest.importorskip("ftlab.data.image", reason="the image family is not in this checkout yet")
+from ftlab.evaluate import evaluate
+from ftlab.export import export
+from ftlab.predict import predict
+from ftlab.train import train
+from ftlab.utils import checkpoints
+from ftlab.utils.errors import ConfigError
 
-from ftlab.evaluate import evaluate  # noqa: E402
-from ftlab.export import export  # noqa: E402
-from ftlab.predict import predict  # noqa: E402
-from ftlab.train import train  # noqa: E402
-from ftlab.utils import checkpoints  # noqa: E402
-from ftlab.utils.errors import ConfigError  # noqa: E402
-
-from conftest import CONF_DIR, read_json  # noqa: E402
+from conftest import CONF_DIR, read_json
 
 
 def entry_cfg(name: str, overrides: list[str]):
