@@ -18,6 +18,7 @@ from ftlab.finetuning.groups import (
     set_frozen_modes,
     set_trainable,
 )
+from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.finetuning.policy import FinetunePolicy
 from ftlab.utils.errors import ConfigError
 
@@ -71,10 +72,12 @@ class ClassificationModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "head", "policy", "optimizer", "scheduler"])
         self.backbone, self.head, self.policy = backbone, head, policy
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.fixed = policy.prepare(backbone)  # re-init, PEFT wrapping: before the groups are built
         self.groups = build_groups(backbone, head)
         self.group_names = [g.name for g in self.groups]
         policy.check(self.group_names)
         self.frozen: set[str] = set()
+        self.keep_grad: set[str] = set()
         self.apply_policy(epoch=0)
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix
         self.metrics = nn.ModuleDict({f"{stage}_metrics": make_metrics(num_classes) for stage in STAGES})
@@ -84,7 +87,7 @@ class ClassificationModule(pl.LightningModule):
     def apply_policy(self, epoch: int) -> None:
         """Freeze/unfreeze groups for ``epoch``; a function of the epoch only, so resume lands in the same state."""
         self.frozen = self.policy.frozen(self.group_names, epoch)
-        set_trainable(self.groups, self.frozen)
+        set_trainable(self.groups, self.frozen, self.fixed, self.keep_grad)
         if self.training:
             self.train(True)
 
@@ -97,8 +100,20 @@ class ClassificationModule(pl.LightningModule):
     def parameter_counts(self) -> dict[str, float]:
         return count_parameters(self.groups)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.keep_grad = distributed_keep_grad(self.trainer, self.policy, self.group_names)
+            self.apply_policy(epoch=0)
+
     def on_train_epoch_start(self) -> None:
         self.apply_policy(self.current_epoch)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # before gradient clipping: frozen groups that kept requires_grad for DDP neither move nor count in the norm
+        for group in self.groups:
+            if group.name in self.frozen and group.name in self.keep_grad:
+                for _, param in group.params:
+                    param.grad = None
 
     # --- steps --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
