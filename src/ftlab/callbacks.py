@@ -34,6 +34,13 @@ class EpochSeed(Callback):
         np.random.seed(epoch_seed)
         torch.manual_seed(epoch_seed)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        # Lightning creates the epoch's DataLoader iterator (one draw from the global RNG) before the epoch-start
+        # hook in the first epoch of a run, resumed or not, but after it in later epochs: reseed once more here so
+        # that dropout in a resumed epoch draws exactly what it draws in the uninterrupted run.
+        if idx == 0:
+            self.on_train_epoch_start(trainer, pl_module)
+
 
 class BestScore(Callback):
     """Tracks the best value of the monitored metric and its epoch (kept in checkpoints, so resume keeps it)."""

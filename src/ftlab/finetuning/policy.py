@@ -103,8 +103,10 @@ class FinetunePolicy:
         """
         from ftlab.finetuning.adapters import reinit_modules
 
+        groups = backbone.layer_groups()
+        self.check([name for name, _ in groups] + [HEAD])
         if self.reinit_top_k:
-            top = backbone.layer_groups()[len(backbone.layer_groups()) - self.reinit_top_k :]
+            top = groups[len(groups) - self.reinit_top_k :]
             reinit_modules(backbone, [m for _, modules in top for m in modules])
         fixed: set[str] = set()
         if self.peft is not None:
