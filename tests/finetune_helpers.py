@@ -20,8 +20,13 @@ from ftlab.models import ClassificationHead
 from ftlab.models.module import ClassificationModule
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=128)
+TINY_BERT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
 
 
 class SmallResNetBackbone(nn.Module):
@@ -52,13 +57,17 @@ def cnn_backbone() -> nn.Module:
 def bert_backbone() -> nn.Module:
     from ftlab.models.backbones import HFTextBackbone
 
-    return HFTextBackbone("embedded:all-MiniLM-L6-v2", pretrained=False, pooling="mean", config_overrides=TINY_BERT)
+    return HFTextBackbone(
+        "embedded:all-MiniLM-L6-v2", pretrained=False, pooling="mean", config_overrides=TINY_BERT
+    )
 
 
 def text_batch(n: int = 4, length: int = 9) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(1000, 2000, (n, length), generator=gen),
-            "attention_mask": torch.ones(n, length, dtype=torch.long)}
+    return {
+        "input_ids": torch.randint(1000, 2000, (n, length), generator=gen),
+        "attention_mask": torch.ones(n, length, dtype=torch.long),
+    }
 
 
 def image_batch(n: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
@@ -66,17 +75,28 @@ def image_batch(n: int = 4, size: int = 32) -> dict[str, torch.Tensor]:
     return {"pixel_values": torch.randn(n, 3, size, size, generator=gen), "labels": torch.arange(n) % 2}
 
 
-def make_module(backbone: nn.Module, policy: FinetunePolicy, lr: float = 1e-3, scheduler: Any = None,
-                num_classes: int = 2) -> ClassificationModule:
+def make_module(
+    backbone: nn.Module, policy: FinetunePolicy, lr: float = 1e-3, scheduler: Any = None, num_classes: int = 2
+) -> ClassificationModule:
     head = ClassificationHead(backbone.out_features, num_classes)
-    return ClassificationModule(backbone, head, policy, optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
-                                scheduler=scheduler, num_classes=num_classes)
+    return ClassificationModule(
+        backbone,
+        head,
+        policy,
+        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.01),
+        scheduler=scheduler,
+        num_classes=num_classes,
+    )
 
 
 def write_text_data(folder: Path, n: int = 64) -> Path:
     """A learnable two-class CSV (a positive or negative word in each text)."""
     rng = random.Random(0)
-    good, bad, filler = ["great", "wonderful", "superb"], ["awful", "boring", "terrible"], ["the", "film", "a", "plot"]
+    good, bad, filler = (
+        ["great", "wonderful", "superb"],
+        ["awful", "boring", "terrible"],
+        ["the", "film", "a", "plot"],
+    )
     rows = ["text,label"]
     for i in range(n):
         label = i % 2
@@ -97,14 +117,29 @@ def tiny_run_overrides(tmp_path: Path, run_dir: Path, probe_dir: Path | None = N
     """A tiny_bert run on a 64-text CSV: 48 train texts in 6 batches, no sanity check, no early stopping."""
     data = tmp_path / "train.csv" if (tmp_path / "train.csv").exists() else write_text_data(tmp_path)
     overrides = [
-        "model=tiny_bert", "data=text_files", f"data.train_file={data}", "data.max_length=16", "data.batch_size=8",
-        "+data.val_fraction=0.125", "+data.test_fraction=0.125", "trainer.accelerator=cpu", "trainer.devices=1",
-        "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "callbacks=no_early_stopping",
-        "callbacks.progress_bar.kind=log", "logger=csv", f"paths.output_dir={run_dir}",
-        f"paths.cache_dir={tmp_path / 'cache'}", "optimizer.lr=1e-2",
+        "model=tiny_bert",
+        "data=text_files",
+        f"data.train_file={data}",
+        "data.max_length=16",
+        "data.batch_size=8",
+        "+data.val_fraction=0.125",
+        "+data.test_fraction=0.125",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        "callbacks=no_early_stopping",
+        "callbacks.progress_bar.kind=log",
+        "logger=csv",
+        f"paths.output_dir={run_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "optimizer.lr=1e-2",
     ]
     if probe_dir is not None:
-        overrides += ["+callbacks.probe._target_=finetune_helpers.Probe", f"+callbacks.probe.folder={probe_dir}"]
+        overrides += [
+            "+callbacks.probe._target_=finetune_helpers.Probe",
+            f"+callbacks.probe.folder={probe_dir}",
+        ]
     return overrides
 
 
@@ -133,10 +168,14 @@ class Probe(pl.Callback):
         if trainer.current_epoch == 0:
             self.record["start"] = self._group_digests(module)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, module: ClassificationModule, batch: Any, idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, module: ClassificationModule, batch: Any, idx: int
+    ) -> None:
         epoch = str(trainer.current_epoch)
         if epoch not in self.record["trainable"]:  # the module's own epoch-start hook has run by now
-            self.record["trainable"][epoch] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+            self.record["trainable"][epoch] = sorted(
+                n for n, p in module.named_parameters() if p.requires_grad
+            )
             self.record["grads"][epoch] = sorted(module.keep_grad)
         optimizer = trainer.optimizers[0]
         self.record["lrs"][str(trainer.global_step)] = {g["name"]: g["lr"] for g in optimizer.param_groups}

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from finetune_helpers import read_probe, tiny_run_overrides
 
-from ftlab.finetuning.distributed import distributed_keep_grad
+from finetune_helpers import read_probe, tiny_run_overrides
 from ftlab.finetuning import FinetunePolicy
+from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.utils.errors import ConfigError
 
 TESTS = Path(__file__).resolve().parent
@@ -21,11 +21,25 @@ TESTS = Path(__file__).resolve().parent
 def test_gradual_unfreezing_keeps_ranks_identical_under_ddp(tmp_path):
     overrides = tiny_run_overrides(tmp_path, tmp_path / "run", tmp_path / "probe")
     overrides = [o for o in overrides if not o.startswith("trainer.devices")]
-    overrides += ["trainer=ddp_cpu", "finetune=gradual_unfreeze", "trainer.max_epochs=3", "scheduler=constant"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "ftlab.train", *overrides], env=env, capture_output=True, text=True,
-                          timeout=300)
+    overrides += [
+        "trainer=ddp_cpu",
+        "finetune=gradual_unfreeze",
+        "trainer.max_epochs=3",
+        "scheduler=constant",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "ftlab.train", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [read_probe(tmp_path / "probe", rank) for rank in (0, 1)]
     # the two ranks saw different batches, yet every parameter and buffer is the same after training
@@ -35,7 +49,9 @@ def test_gradual_unfreezing_keeps_ranks_identical_under_ddp(tmp_path):
         assert probe["grads"]["0"] == ["embeddings", "layer.0", "layer.1"]
         assert {n.split(".")[0] for n in probe["trainable"]["0"]} == {"backbone", "head"}
         assert probe["start"]["embeddings"] == probe["end"]["embeddings"]  # never unfrozen in 3 epochs
-        assert probe["start"]["layer.0"] != probe["end"]["layer.0"]  # unfrozen at epoch 2, after DDP wrapped it
+        assert (
+            probe["start"]["layer.0"] != probe["end"]["layer.0"]
+        )  # unfrozen at epoch 2, after DDP wrapped it
 
 
 class FakeTrainer:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import instantiate
+
 from finetune_helpers import (
     bert_backbone,
     cnn_backbone,
@@ -13,8 +15,6 @@ from finetune_helpers import (
     text_batch,
     tiny_run_overrides,
 )
-from hydra.utils import instantiate
-
 from ftlab.finetuning import FinetunePolicy, PeftAdapter, merge_peft
 from ftlab.models.module import ClassificationModule
 from ftlab.train import train
@@ -62,7 +62,9 @@ def test_peft_on_a_backbone_without_model_attribute_fails_clearly():
 @pytest.mark.parametrize(("family", "method"), [("bert", "lora"), ("cnn", "lora"), ("bert", "ia3")])
 def test_merge_peft_gives_the_same_outputs(family, method):
     torch.manual_seed(0)
-    module = make_module(bert_backbone() if family == "bert" else cnn_backbone(), FinetunePolicy(peft=PeftAdapter(method)))
+    module = make_module(
+        bert_backbone() if family == "bert" else cnn_backbone(), FinetunePolicy(peft=PeftAdapter(method))
+    )
     with torch.no_grad():  # trained-looking adapters (LoRA's B starts at zero, IA3's vectors at one)
         for name, param in module.named_parameters():
             if "lora_B" in name or "ia3_l" in name:
@@ -83,8 +85,9 @@ def rebuild(cfg, seed: int) -> ClassificationModule:
     torch.manual_seed(seed)
     backbone = instantiate(cfg.model.backbone)
     head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=2)
-    return ClassificationModule(backbone, head, instantiate(cfg.finetune), optimizer=instantiate(cfg.optimizer),
-                                num_classes=2)
+    return ClassificationModule(
+        backbone, head, instantiate(cfg.finetune), optimizer=instantiate(cfg.optimizer), num_classes=2
+    )
 
 
 def loss_and_accuracy(module: ClassificationModule, cfg) -> tuple[float, float]:
@@ -103,7 +106,9 @@ def loss_and_accuracy(module: ClassificationModule, cfg) -> tuple[float, float]:
 
 @pytest.mark.parametrize("strategy", ["lora", "ia3", "bitfit"])
 def test_peft_run_trains_adapters_and_head_and_reloads_with_the_same_predictions(tmp_path, strategy):
-    cfg = compose_cfg([*tiny_run_overrides(tmp_path, tmp_path / "run"), f"finetune={strategy}", "trainer.max_epochs=2"])
+    cfg = compose_cfg(
+        [*tiny_run_overrides(tmp_path, tmp_path / "run"), f"finetune={strategy}", "trainer.max_epochs=2"]
+    )
     metrics = train(cfg)
     initial = rebuild(cfg, seed=cfg.seed)  # as train() built it: the same seeded backbone init
     # counts in metrics.json: peft's own report plus the head (BitFit: the backbone's biases plus the head)

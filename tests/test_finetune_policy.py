@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from finetune_helpers import bert_backbone, cnn_backbone, image_batch, make_module
 
+from finetune_helpers import bert_backbone, cnn_backbone, image_batch, make_module
 from ftlab.finetuning import FinetunePolicy
 from ftlab.models.schedules import slanted_triangular
 from ftlab.utils.errors import ConfigError
@@ -31,8 +31,14 @@ def trainable_groups(module) -> list[str]:
         # gradual unfreezing: head only, then one more group from the top per epoch
         (FinetunePolicy(every_n_epochs=1), [["head"], ["layer4", "head"], ["layer3", "layer4", "head"]]),
         # top 2 groups from the start, one more every 2 epochs
-        (FinetunePolicy(every_n_epochs=2, start_unfrozen=2),
-         [["layer3", "layer4", "head"], ["layer3", "layer4", "head"], ["layer2", "layer3", "layer4", "head"]]),
+        (
+            FinetunePolicy(every_n_epochs=2, start_unfrozen=2),
+            [
+                ["layer3", "layer4", "head"],
+                ["layer3", "layer4", "head"],
+                ["layer2", "layer3", "layer4", "head"],
+            ],
+        ),
         # with k=4 the bottom 4 never unfreeze
         (FinetunePolicy(every_n_epochs=1, k=4), [["head"], ["layer4", "head"], ["layer4", "head"]]),
         (FinetunePolicy(k=2), [["layer2", "layer3", "layer4", "head"]] * 3),
@@ -55,7 +61,13 @@ def test_trainable_groups_per_epoch_cnn(policy, expected):
 def test_gradual_unfreezing_all_groups_eventually_bert():
     policy = FinetunePolicy(every_n_epochs=1)
     frozen = [policy.frozen(BERT_GROUPS, e) for e in range(5)]
-    assert frozen == [{"embeddings", "layer.0", "layer.1"}, {"embeddings", "layer.0"}, {"embeddings"}, set(), set()]
+    assert frozen == [
+        {"embeddings", "layer.0", "layer.1"},
+        {"embeddings", "layer.0"},
+        {"embeddings"},
+        set(),
+        set(),
+    ]
     assert policy.always_frozen(BERT_GROUPS) == set()
     assert FinetunePolicy(every_n_epochs=1, k=1).always_frozen(BERT_GROUPS) == {"embeddings"}
 
@@ -66,7 +78,12 @@ def test_llrd_and_multipliers_give_each_optimizer_group_its_lr():
     optimizer = module.configure_optimizers()
     lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
     # head at lr; top layer lr*0.5; exact names win over patterns; embeddings 3 groups from the top
-    expected = {"head": 1e-3, "layer.1": 1e-3 * 0.5 * 2.0, "layer.0": 1e-3 * 0.25 * 3.0, "embeddings": 1e-3 * 0.125 * 0.1}
+    expected = {
+        "head": 1e-3,
+        "layer.1": 1e-3 * 0.5 * 2.0,
+        "layer.0": 1e-3 * 0.25 * 3.0,
+        "embeddings": 1e-3 * 0.125 * 0.1,
+    }
     assert len(optimizer.param_groups) == 8  # every group split in decayed and .no_decay, from step 0
     for name, lr in expected.items():
         assert lrs[name] == pytest.approx(lr) and lrs[f"{name}.no_decay"] == pytest.approx(lr)
@@ -121,7 +138,9 @@ def test_reinit_top_k_is_seeded_and_changes_only_the_top(family):
         weights = [i for i, x in enumerate(base[name]) if x.dim() > 1]
         assert all(not torch.equal(base[name][i], a[name][i]) for i in weights), name  # re-initialised
         assert all(torch.equal(x, y) for x, y in zip(a[name], b[name], strict=True))  # same seed, same init
-        assert any(not torch.equal(x, y) for x, y in zip(a[name], c[name], strict=True))  # another seed differs
+        assert any(
+            not torch.equal(x, y) for x, y in zip(a[name], c[name], strict=True)
+        )  # another seed differs
 
 
 def test_bitfit_trains_biases_and_head_only():
@@ -131,7 +150,9 @@ def test_bitfit_trains_biases_and_head_only():
     biases = {n for n, _ in module.backbone.named_parameters(prefix="backbone") if n.endswith("bias")}
     assert trainable == biases | head and len(biases) > 10
     counts = module.parameter_counts()
-    assert counts["trainable_params"] == sum(p.numel() for n, p in module.named_parameters() if n in trainable)
+    assert counts["trainable_params"] == sum(
+        p.numel() for n, p in module.named_parameters() if n in trainable
+    )
     assert counts["params/layer.0/trainable"] == sum(
         p.numel() for n, p in module.backbone.named_parameters() if n.endswith("bias") and ".layer.0." in n
     )

@@ -9,9 +9,17 @@ import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
-from finetune_helpers import Probe, cnn_backbone, compose_cfg, digest, make_module, read_probe, tiny_run_overrides
 from torch.utils.data import DataLoader, Dataset
 
+from finetune_helpers import (
+    Probe,
+    cnn_backbone,
+    compose_cfg,
+    digest,
+    make_module,
+    read_probe,
+    tiny_run_overrides,
+)
 from ftlab.finetuning import FinetunePolicy
 from ftlab.train import train
 
@@ -38,7 +46,13 @@ def top_level(names: list[str]) -> set[str]:
     out = set()
     for name in names:
         parts = name.split(".")
-        out.add("head" if parts[0] == "head" else "embeddings" if parts[2] == "embeddings" else f"layer.{parts[4]}")
+        out.add(
+            "head"
+            if parts[0] == "head"
+            else "embeddings"
+            if parts[2] == "embeddings"
+            else f"layer.{parts[4]}"
+        )
     return out
 
 
@@ -56,7 +70,10 @@ def test_gradual_unfreezing_run(gradual_run):
             assert lrs[name] == pytest.approx(lr) and lrs[f"{name}.no_decay"] == pytest.approx(lr)
     # never unfrozen: bit-identical; unfrozen at epoch 1 and 2: trained
     assert probe["start"]["embeddings"] == probe["end"]["embeddings"]
-    assert probe["start"]["layer.0"] != probe["end"]["layer.0"] and probe["start"]["head"] != probe["end"]["head"]
+    assert (
+        probe["start"]["layer.0"] != probe["end"]["layer.0"]
+        and probe["start"]["head"] != probe["end"]["head"]
+    )
     # metrics.json records the epoch-0 counts: only the head trains then
     head = metrics["params/head/total"]
     assert metrics["trainable_params"] == metrics["params/head/trainable"] == head == 66
@@ -78,8 +95,13 @@ def test_resume_mid_schedule_matches_uninterrupted_run(gradual_run):
 
 
 def test_slanted_triangular_run_logs_every_group(tmp_path):
-    overrides = ["finetune=llrd", "finetune.lr_decay=0.5", "scheduler=slanted_triangular", "scheduler.cut_frac=0.25",
-                 "trainer.max_epochs=2"]
+    overrides = [
+        "finetune=llrd",
+        "finetune.lr_decay=0.5",
+        "scheduler=slanted_triangular",
+        "scheduler.cut_frac=0.25",
+        "trainer.max_epochs=2",
+    ]
     _, probe = run(tmp_path, "stlr", overrides)
     total, cut = 12, 3
 
@@ -111,16 +133,36 @@ class ImageData(Dataset):
 def test_gradual_unfreezing_cnn_keeps_frozen_weights_and_batchnorm_statistics(tmp_path):
     pl.seed_everything(0)
     module = make_module(cnn_backbone(), FinetunePolicy(every_n_epochs=1, start_unfrozen=1), lr=1e-3)
-    start = {g.name: digest({**dict(g.params), **{f"{i}": b for i, m in enumerate(g.modules) for b in m.buffers()}})
-             for g in module.groups}
+    start = {
+        g.name: digest(
+            {**dict(g.params), **{f"{i}": b for i, m in enumerate(g.modules) for b in m.buffers()}}
+        )
+        for g in module.groups
+    }
     probe = Probe(str(tmp_path))
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[probe],
+    )
     trainer.fit(module, DataLoader(ImageData(), batch_size=8))
-    end = {g.name: digest({**dict(g.params), **{f"{i}": b for i, m in enumerate(g.modules) for b in m.buffers()}})
-           for g in module.groups}
+    end = {
+        g.name: digest(
+            {**dict(g.params), **{f"{i}": b for i, m in enumerate(g.modules) for b in m.buffers()}}
+        )
+        for g in module.groups
+    }
     changed = {name for name in start if start[name] != end[name]}
-    assert changed == {"layer3", "layer4", "head"}  # layer4 from epoch 0, layer3 from epoch 1; BN stats included
+    assert changed == {
+        "layer3",
+        "layer4",
+        "head",
+    }  # layer4 from epoch 0, layer3 from epoch 1; BN stats included
     record = json.loads((tmp_path / "probe_rank0.json").read_text())
     epoch1 = {n.split(".")[2] if n.startswith("backbone") else "head" for n in record["trainable"]["1"]}
     assert epoch1 == {"layer3", "layer4", "head"}

@@ -71,7 +71,9 @@ class PeftAdapter:
         if not 0.0 <= dropout < 1.0:
             raise ConfigError(f"finetune.peft.dropout={dropout} must be in [0, 1).")
         self.method, self.r, self.alpha, self.dropout = method, r, alpha, dropout
-        self.target_modules = target_modules if isinstance(target_modules, str | None) else list(target_modules)
+        self.target_modules = (
+            target_modules if isinstance(target_modules, str | None) else list(target_modules)
+        )
         self.feedforward_modules = (
             feedforward_modules if isinstance(feedforward_modules, str | None) else list(feedforward_modules)
         )
@@ -79,9 +81,13 @@ class PeftAdapter:
     def config(self, model: nn.Module) -> Any:
         import peft
 
-        targets = self.target_modules if self.target_modules is not None else default_targets(model, self.method)
+        targets = (
+            self.target_modules if self.target_modules is not None else default_targets(model, self.method)
+        )
         if self.method == "lora":
-            return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets)
+            return peft.LoraConfig(
+                r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
+            )
         feedforward = self.feedforward_modules
         if feedforward is None and targets is not None:
             feedforward = []  # CNN defaults: scale every layer's output
@@ -95,7 +101,9 @@ class PeftAdapter:
         try:
             backbone.model = peft.get_peft_model(model, self.config(model))
         except ValueError as err:  # peft's message names the missing target modules or the unsupported layer
-            raise ConfigError(f"finetune.peft ({self.method}) cannot be applied to {type(model).__name__}: {err}") from err
+            raise ConfigError(
+                f"finetune.peft ({self.method}) cannot be applied to {type(model).__name__}: {err}"
+            ) from err
 
 
 def is_peft(backbone: nn.Module) -> bool:

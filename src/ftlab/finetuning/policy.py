@@ -75,7 +75,10 @@ class FinetunePolicy:
         self.k, self.freeze_backbone = k, freeze_backbone
         self.train_bn, self.frozen_dropout = train_bn, frozen_dropout
         self.every_n_epochs, self.start_unfrozen = every_n_epochs, start_unfrozen
-        self.lr_decay, self.lr_multipliers = float(lr_decay), {str(n): float(m) for n, m in multipliers.items()}
+        self.lr_decay, self.lr_multipliers = (
+            float(lr_decay),
+            {str(n): float(m) for n, m in multipliers.items()},
+        )
         self.reinit_top_k = reinit_top_k
         self.train_only = list(train_only) if train_only is not None else None
         self.peft = peft
@@ -83,7 +86,11 @@ class FinetunePolicy:
     def check(self, group_names: list[str]) -> None:
         """Validate against the model's groups (backbone groups bottom to top, then ``head``)."""
         backbone = [n for n in group_names if n != HEAD]
-        for key, value in (("k", self.k), ("start_unfrozen", self.start_unfrozen), ("reinit_top_k", self.reinit_top_k)):
+        for key, value in (
+            ("k", self.k),
+            ("start_unfrozen", self.start_unfrozen),
+            ("reinit_top_k", self.reinit_top_k),
+        ):
             if value > len(backbone):
                 raise ConfigError(
                     f"finetune.{key}={value} is more than the backbone's {len(backbone)} layer groups "
@@ -116,7 +123,9 @@ class FinetunePolicy:
             names = [n for n, _ in backbone.named_parameters(prefix="backbone")]
             fixed |= {n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in self.train_only)}
             if len(fixed) == len(names):
-                raise ConfigError(f"finetune.train_only={self.train_only} matches no backbone parameter name.")
+                raise ConfigError(
+                    f"finetune.train_only={self.train_only} matches no backbone parameter name."
+                )
         return fixed
 
     def frozen(self, group_names: list[str], epoch: int) -> set[str]:
@@ -126,7 +135,8 @@ class FinetunePolicy:
             return set(backbone)
         frozen = set(backbone[: self.k])
         if self.every_n_epochs is not None:
-            unfrozen = self.start_unfrozen + epoch // self.every_n_epochs  # top groups trainable in this epoch
+            # the number of top backbone groups trainable in this epoch
+            unfrozen = self.start_unfrozen + epoch // self.every_n_epochs
             frozen |= set(backbone[: max(len(backbone) - unfrozen, 0)])
         return frozen
 

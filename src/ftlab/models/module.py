@@ -11,6 +11,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.finetuning.groups import (
     build_groups,
     count_parameters,
@@ -18,7 +19,6 @@ from ftlab.finetuning.groups import (
     set_frozen_modes,
     set_trainable,
 )
-from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.finetuning.policy import FinetunePolicy
 from ftlab.utils.errors import ConfigError
 
