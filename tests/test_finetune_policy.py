@@ -192,3 +192,19 @@ def test_bad_values_fail_at_construction(kwargs, message):
 def test_values_that_do_not_fit_the_model_fail(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         make_module(bert_backbone(), FinetunePolicy(**kwargs))
+
+
+@pytest.mark.parametrize(
+    "preset", ["full", "head_only", "freeze_bottom", "gradual_unfreeze", "llrd", "bitfit", "lora", "ia3"]
+)
+def test_every_finetune_preset_composes_and_builds_a_module(preset):
+    from hydra.utils import instantiate
+
+    from finetune_helpers import compose_cfg
+
+    cfg = compose_cfg([f"finetune={preset}", "scheduler=slanted_triangular"])
+    policy = instantiate(cfg.finetune)
+    assert isinstance(policy, FinetunePolicy)
+    assert callable(instantiate(cfg.scheduler))
+    module = make_module(bert_backbone(), policy)
+    assert module.parameter_counts()["trainable_params"] > 0
