@@ -84,13 +84,24 @@ def optimizer_param_groups(
     return param_groups
 
 
-def set_trainable(groups: list[LayerGroup], frozen: set[str]) -> None:
-    unknown = frozen - {g.name for g in groups}
+def set_trainable(
+    groups: list[LayerGroup],
+    frozen: set[str],
+    fixed: set[str] | None = None,
+    keep_grad: set[str] | None = None,
+) -> None:
+    """``requires_grad`` from the frozen groups; ``fixed`` parameter names never train (PEFT base weights, BitFit).
+
+    Groups in ``keep_grad`` keep ``requires_grad=True`` even while frozen (DDP: see ``ClassificationModule.setup``);
+    their gradients are then dropped before each optimizer step instead.
+    """
+    fixed, keep_grad = fixed or set(), keep_grad or set()
+    unknown = (frozen | keep_grad) - {g.name for g in groups}
     if unknown:
         raise ConfigError(f"Cannot freeze unknown layer group(s) {sorted(unknown)}.")
     for group in groups:
-        for _, param in group.params:
-            param.requires_grad_(group.name not in frozen)
+        for name, param in group.params:
+            param.requires_grad_((group.name not in frozen or group.name in keep_grad) and name not in fixed)
 
 
 def set_frozen_modes(

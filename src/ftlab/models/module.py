@@ -11,6 +11,7 @@ import torchmetrics
 from torch import nn
 from torch.nn import functional as F
 
+from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.finetuning.groups import (
     build_groups,
     count_parameters,
@@ -75,10 +76,12 @@ class ClassificationModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["backbone", "head", "policy", "optimizer", "scheduler"])
         self.backbone, self.head, self.policy = backbone, head, policy
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.fixed = policy.prepare(backbone)  # re-init, PEFT wrapping: before the groups are built
         self.groups = build_groups(backbone, head)
         self.group_names = [g.name for g in self.groups]
         policy.check(self.group_names)
         self.frozen: set[str] = set()
+        self.keep_grad: set[str] = set()
         self.apply_policy(epoch=0)
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix
         self.metrics = nn.ModuleDict({f"{stage}_metrics": make_metrics(num_classes) for stage in STAGES})
@@ -89,7 +92,7 @@ class ClassificationModule(pl.LightningModule):
         """Freeze/unfreeze groups for ``epoch``; a function of the epoch only, so resume lands in the same state."""
         self.policy_epoch = epoch
         self.frozen = self.policy.frozen(self.group_names, epoch)
-        set_trainable(self.groups, self.frozen)
+        set_trainable(self.groups, self.frozen, self.fixed, self.keep_grad)
         if self.training:
             self.train(True)
 
@@ -102,11 +105,26 @@ class ClassificationModule(pl.LightningModule):
     def parameter_counts(self) -> dict[str, float]:
         return count_parameters(self.groups)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.keep_grad = distributed_keep_grad(self.trainer, self.policy, self.group_names)
+            self.apply_policy(epoch=0)
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_policy(self.current_epoch)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Once per epoch, at its first batch: Lightning skips on_train_epoch_start for the first epoch of a run
-        # resumed from a checkpoint written at the end of the previous epoch.
+        # Lightning skips on_train_epoch_start for the first epoch of a run resumed from a checkpoint written at the
+        # end of the previous epoch: the first batch of an epoch checks that the policy is at that epoch.
         if self.policy_epoch != self.current_epoch:
             self.apply_policy(self.current_epoch)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # before gradient clipping: frozen groups that kept requires_grad for DDP neither move nor count in the norm
+        for group in self.groups:
+            if group.name in self.frozen and group.name in self.keep_grad:
+                for _, param in group.params:
+                    param.grad = None
 
     # --- steps --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

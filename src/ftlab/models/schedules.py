@@ -52,3 +52,31 @@ def plateau(
         optimizer, mode=mode, factor=factor, patience=patience
     )
     return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}
+
+
+def slanted_triangular(
+    optimizer: torch.optim.Optimizer, total_steps: int, cut_frac: float = 0.1, ratio: float = 32.0
+) -> dict[str, Any]:
+    """Slanted triangular LR (ULMFiT, Howard & Ruder 2018): a short linear rise, then a long linear decay.
+
+    With ``cut = floor(total_steps * cut_frac)``, ``p = t / cut`` for ``t < cut``, else
+    ``1 - (t - cut) / (cut * (1 / cut_frac - 1))``, and the LR is ``lr * (1 + p * (ratio - 1)) / ratio``: from
+    ``lr / ratio`` up to ``lr`` at step ``cut``, and back to ``lr / ratio`` at the last step. Every parameter group
+    is scaled by the same factor, so layer-wise LRs keep their ratios.
+    """
+    if not 0.0 < cut_frac < 1.0:
+        raise ConfigError(
+            f"scheduler.cut_frac={cut_frac} must be in (0, 1) (the fraction of steps spent rising)."
+        )
+    if ratio < 1:
+        raise ConfigError(
+            f"scheduler.ratio={ratio} must be >= 1 (how much smaller the lowest LR is than the peak)."
+        )
+    cut = max(int(total_steps * cut_frac), 1)
+
+    def factor(step: int) -> float:
+        p = step / cut if step < cut else 1 - (step - cut) / (cut * (1 / cut_frac - 1))
+        return (1 + max(p, 0.0) * (ratio - 1)) / ratio
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"scheduler": scheduler, "interval": "step", "frequency": 1}
