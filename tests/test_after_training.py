@@ -268,3 +268,26 @@ def test_pruning_with_a_short_finetune_keeps_the_zeros(run_dir, tmp_path):
     )
     variant = export(cfg)["rows"][1]
     assert variant["sparsity"] == pytest.approx(0.7, abs=0.01) and variant["accuracy"] >= 0.5
+
+
+def test_a_lora_run_exports_with_the_adapters_merged(tmp_path, reviews_csv):
+    overrides = tiny_text_overrides(reviews_csv, tmp_path) + [
+        "finetune=lora",
+        "model.backbone.pooling=cls",
+        "trainer.max_epochs=1",
+    ]
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    train(cfg)
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # the adapters learnt something to merge
+    record = export(
+        entry_cfg("export", [f"run={tmp_path / 'run'}", "format=hf", f"output_dir={tmp_path / 'hf'}"])
+    )
+    assert record["max_abs_diff"] <= 1e-4 and record["same_labels"]
+    from safetensors.torch import load_file
+
+    names = load_file(tmp_path / "hf" / "model.safetensors").keys()
+    assert not any("lora" in n for n in names) and "classifier.weight" in names
