@@ -33,7 +33,7 @@ class ExportCheckError(FtlabError, RuntimeError):
     """A written model's outputs differ from the checkpoint's by more than the tolerance."""
 
 
-def merge_adapters(module: torch.nn.Module) -> torch.nn.Module:
+def merge_adapters(module: Any) -> Any:
     """Merge PEFT adapters (LoRA, IA3) into the backbone weights, when the run has them."""
     try:
         from ftlab.finetuning.adapters import is_peft, merge_peft

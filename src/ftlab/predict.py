@@ -107,7 +107,8 @@ def image_batches(
     """Read and transformed as the run's validation/test images (no augmentation)."""
     from ftlab.data.image import ImageDataset, build_transform
 
-    transform = build_transform(run.module.backbone.preprocessing, "none", train=False)
+    preprocessing: Any = run.module.backbone.preprocessing
+    transform = build_transform(preprocessing, "none", train=False)
     dataset = ImageDataset(np.asarray(paths, dtype=object), np.zeros(len(paths), dtype=np.int64), transform)
     for start in range(0, len(paths), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(paths)))]
