@@ -27,6 +27,8 @@ OFFLINE = {
         "model.backbone.name_or_path=embedded:all-MiniLM-L6-v2"
     ],  # bert-base-uncased: hub only
     ("data", "hf_hub"): ["data.hub_name=glue"],  # constructor only: loading needs the hub
+    ("data", "image_folder"): ["data.root=/data/flowers"],  # constructor only: root is the user's (???)
+    ("data", "torchvision"): ["data.root=/data/cifar"],  # constructor only: the download needs internet
 }
 # options checked by composition and signatures only: no GPU here
 COMPOSE_ONLY = {("trainer", "gpu"), ("trainer", "ddp")}
