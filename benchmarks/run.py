@@ -87,18 +87,19 @@ class Worker:
 
 def run_case(case: cases.Case, plan: cases.Plan) -> dict[str, Any]:
     """All repetitions of one case; every runner in its own forked worker."""
-    probe = Worker(case.overrides, f"{case.name}_flops")
+    probe = Worker(case.variant(case.runners[0])[1], f"{case.name}_flops")
     flops = probe.call("flops")
     probe.stop()
-    workers = {name: Worker(case.overrides, f"{case.name}_{name}") for name in case.runners}
+    workers = {name: Worker(case.variant(name)[1], f"{case.name}_{name}") for name in case.runners}
+    steps = case.steps or plan.steps
     names = list(case.runners)
     reps: list[dict[str, float]] = []
     for rep in range(plan.repetitions):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         rates = {}
         for name in order:
-            result = workers[name].call("run", name, plan.warmup, plan.steps)
-            rates[name] = plan.steps * case.batch_size / result["seconds"]
+            result = workers[name].call("run", case.variant(name)[0], plan.warmup, steps)
+            rates[name] = steps * case.batch_size / result["seconds"]
             print(f"  {case.name} rep {rep} {name:<10} {rates[name]:8.2f} examples/s", flush=True)
         reps.append(rates)
     rss = {name: w.call("peak")["max_rss_mb"] for name, w in workers.items()}
@@ -109,16 +110,17 @@ def run_case(case: cases.Case, plan: cases.Plan) -> dict[str, Any]:
 
 def summarise(case: cases.Case, reps: list[dict[str, float]], rss: dict, flops: dict) -> dict[str, Any]:
     median = {name: statistics.median(r[name] for r in reps) for name in case.runners}
-    ratios = {}
+    ratios, top = {}, case.baseline
     for other in case.runners:
-        if other != "ftlab" and "ftlab" in case.runners:
-            ratios[f"ftlab/{other}"] = statistics.median(r["ftlab"] / r[other] for r in reps)
+        if other != top:
+            ratios[f"{top}/{other}"] = statistics.median(r[top] / r[other] for r in reps)
     return {
         "case": case.name,
         "overrides": case.overrides,
         "examples_per_s": median,
         "repetitions": reps,
         "ratios": ratios,
+        "baseline": top,
         "peak_rss_mb": rss,
         "flops_per_example": flops["flops_per_example"],
         "achieved_flops_per_s": {k: v * flops["flops_per_example"] for k, v in median.items()},
@@ -129,7 +131,7 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
     lines = [
         f"Matmul peak (2048x2048 fp32, torch default threads): {peak / 1e9:.1f} GFLOP/s",
         "",
-        "| case | runner | examples/s (median) | ftlab / runner (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
+        "| case | runner | examples/s (median) | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for res in results:
@@ -137,7 +139,7 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
             lines.append(f"| {res['case']} | skipped: {res['skipped']} | | | | | |")
             continue
         for name, rate in res["examples_per_s"].items():
-            ratio = res["ratios"].get(f"ftlab/{name}")
+            ratio = res["ratios"].get(f"{res['baseline']}/{name}")
             achieved = res["achieved_flops_per_s"][name]
             lines.append(
                 f"| {res['case']} | {name} | {rate:.2f} | {'' if ratio is None else f'{ratio:.3f}'} "

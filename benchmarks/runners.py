@@ -188,17 +188,23 @@ def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]
 RUNNERS = {"ftlab": run_ftlab, "plain": run_plain, "hf_trainer": run_hf_trainer}
 
 
-def step_flops(cfg: DictConfig) -> dict[str, float]:
-    """FLOPs of one training step (forward + backward) on the first training batch, counted by torch."""
+def step_flops(cfg: DictConfig, batches: int = 3) -> dict[str, float]:
+    """Training FLOPs (forward + backward) per example, counted by torch on the first ``batches`` batches.
+
+    An estimate: bucketed batches differ in width, so the timed window's mean may differ by a few percent.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     backbone, head, datamodule = build_parts(cfg)
     model = Classifier(backbone, head, frozen_groups(cfg, backbone)).train()
-    batch = next(iter(datamodule.train_dataloader()))
-    with FlopCounterMode(display=False) as counter:
-        model(**batch)["loss"].backward()
-    size = len(batch["labels"])
-    return {"flops_per_example": counter.get_total_flops() / size, "batch_size": size}
+    flops = examples = 0
+    for i, batch in enumerate(datamodule.train_dataloader()):
+        if i == batches:
+            break
+        with FlopCounterMode(display=False) as counter:
+            model(**batch)["loss"].backward()
+        flops, examples = flops + counter.get_total_flops(), examples + len(batch["labels"])
+    return {"flops_per_example": flops / examples}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
