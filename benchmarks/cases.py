@@ -55,6 +55,7 @@ def _common(cache_dir: str, batch_size: int) -> list[str]:
         "++trainer.limit_test_batches=1",
         "~callbacks.early_stopping",  # it needs val/acc, which a steps-only run never computes
         "callbacks.progress_bar.kind=log",
+        "feature_cache=false",  # same work in every runner; the cache has its own case
         f"data.batch_size={batch_size}",
         f"paths.cache_dir={cache_dir}",
     ]
@@ -101,6 +102,14 @@ def build(quick: bool, cache_dir: str) -> list[Case]:
         Case("effnet_lite0_mnist/full", [*image, "finetune=full"], 32, skip=image_skip),
         Case("effnet_lite0_mnist/head_only", [*image, "finetune=head_only"], 32, skip=image_skip),
         padding,
+        Case(
+            "minilm_rt/head_only_feature_cache",
+            [*text, "finetune=head_only"],
+            text_batch,
+            ("cached", "uncached"),
+            variants={"cached": ("ftlab", ["feature_cache=true"]), "uncached": ("ftlab", [])},
+            baseline="cached",
+        ),
     ]
 
 

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
+from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.models.module import ClassificationModule
 from ftlab.utils import jobs, runs
 from ftlab.utils.errors import FtlabError
@@ -66,6 +67,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         100 * counts["trainable_fraction"],
     )
 
+    if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
+        datamodule = maybe_cache_features(
+            module, datamodule, cfg.trainer.get("max_epochs", -1), cfg.paths.cache_dir
+        )
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]

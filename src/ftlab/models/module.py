@@ -111,7 +111,9 @@ class ClassificationModule(pl.LightningModule):
     # --- steps --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of shape (B, num_classes); (B,) for regression."""
-        logits = self.head(self.backbone(batch))
+        # cached features of a frozen backbone (ftlab.finetuning.feature_cache) go straight to the head
+        features = batch["features"] if "features" in batch else self.backbone(batch)
+        logits = self.head(features)
         return logits.squeeze(-1) if self.regression else logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
