@@ -67,6 +67,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         100 * counts["trainable_fraction"],
     )
 
+    if cfg.get("compile"):  # in place (Module.compile), so parameter names and checkpoints stay the same
+        module.backbone.compile()
     if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
         datamodule = maybe_cache_features(
             module, datamodule, cfg.trainer.get("max_epochs", -1), cfg.paths.cache_dir
