@@ -55,25 +55,44 @@ def test_cache_key_changes_with_weights_data_and_preprocessing(reviews_csv, tmp_
     assert cache_key(*_build(compose_cfg([*base, "data.val_fraction=0.2"]))) != key  # data
 
 
+def test_freeze_bottom_runs_only_the_top_layers_on_cached_hidden_states_with_the_same_metrics(
+    reviews_csv, tmp_path, caplog
+):
+    base = tiny_text_overrides(reviews_csv, tmp_path) + [
+        "finetune=freeze_bottom",
+        "finetune.k=2",  # embeddings and layer.0 cached; layer.1 and the head train
+        "trainer.max_epochs=2",
+    ]
+    with caplog.at_level(logging.INFO, logger="ftlab"):
+        cached = train(compose_cfg(base, tmp_path / "cached"))
+    assert "Feature cache: computed the frozen layers' outputs once (2 groups" in caplog.text
+    uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    for key in ("test/acc", "test/loss", "best/val/acc"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key
+
+
 @pytest.mark.parametrize(
     ("overrides", "reason"),
     [
-        (["finetune=freeze_bottom", "finetune.k=1"], "does not freeze every backbone group"),
-        (["finetune=full"], "does not freeze every backbone group"),
+        (["finetune=full"], "freezes no backbone group"),
         (["finetune=head_only", "+finetune.frozen_dropout=true"], "frozen_dropout"),
+        (["finetune=freeze_bottom", "finetune.k=2", "+finetune.train_bn=true"], "train_bn"),
     ],
 )
-def test_falls_back_with_a_reason_when_the_backbone_is_not_frozen_and_deterministic(
+def test_falls_back_with_a_reason_when_the_frozen_layers_are_not_deterministic(
     reviews_csv, tmp_path, overrides, reason
 ):
     cfg = compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + overrides)
     module, datamodule = _build(cfg)
     assert reason in why_not(module, datamodule, 2)
     assert maybe_cache_features(module, datamodule, 2, str(tmp_path)) is datamodule
-    for param in module.backbone.parameters():  # a PEFT-like trainable parameter inside a frozen backbone
-        param.requires_grad_(False)
-    module.policy.freeze_backbone, module.policy.k, module.policy.frozen_dropout = True, 0, False
-    next(module.backbone.parameters()).requires_grad_(True)
-    assert "trainable parameters" in why_not(module, datamodule, 2)
-    next(module.backbone.parameters()).requires_grad_(False)
+
+
+def test_falls_back_when_a_frozen_group_holds_trainable_parameters(reviews_csv, tmp_path):
+    cfg = compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + ["finetune=head_only"])
+    module, datamodule = _build(cfg)
     assert isinstance(maybe_cache_features(module, datamodule, 2, None), CachedFeatureDataModule)
+    next(module.backbone.parameters()).requires_grad_(
+        True
+    )  # as a PEFT adapter inside a frozen layer would be
+    assert "trainable parameters" in why_not(module, datamodule, 2)

@@ -112,7 +112,14 @@ class ClassificationModule(pl.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of shape (B, num_classes); (B,) for regression."""
         # cached features of a frozen backbone (ftlab.finetuning.feature_cache) go straight to the head
-        features = batch["features"] if "features" in batch else self.backbone(batch)
+        if "features" in batch:
+            features = batch["features"]
+        elif "hidden_states" in batch:  # the cached output of the frozen bottom groups: run the rest
+            features = self.backbone.forward_from(
+                int(batch["start_group"]), batch["hidden_states"], batch["attention_mask"]
+            )
+        else:
+            features = self.backbone(batch)
         logits = self.head(features)
         return logits.squeeze(-1) if self.regression else logits
 
