@@ -39,6 +39,7 @@ class Case:
     variants: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     baseline: str = "ftlab"  # the numerator of the reported ratios
     steps: int | None = None  # overrides the plan's timed steps
+    count_flops: bool = True  # off where runners do different work (cached vs uncached)
 
     def variant(self, name: str) -> tuple[str, list[str]]:
         runner, extra = self.variants.get(name, (name, []))
@@ -109,6 +110,16 @@ def build(quick: bool, cache_dir: str) -> list[Case]:
             ("cached", "uncached"),
             variants={"cached": ("ftlab", ["feature_cache=true"]), "uncached": ("ftlab", [])},
             baseline="cached",
+            count_flops=False,
+        ),
+        Case(
+            "minilm_rt/freeze_bottom_k4_feature_cache",
+            [*text, "finetune=freeze_bottom", f"finetune.k={2 if quick else 4}"],
+            text_batch,
+            ("cached", "uncached"),
+            variants={"cached": ("ftlab", ["feature_cache=true"]), "uncached": ("ftlab", [])},
+            baseline="cached",
+            count_flops=False,
         ),
     ]
 

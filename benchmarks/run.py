@@ -87,9 +87,11 @@ class Worker:
 
 def run_case(case: cases.Case, plan: cases.Plan) -> dict[str, Any]:
     """All repetitions of one case; every runner in its own forked worker."""
-    probe = Worker(case.variant(case.runners[0])[1], f"{case.name}_flops")
-    flops = probe.call("flops")
-    probe.stop()
+    flops = {"flops_per_example": None}
+    if case.count_flops:
+        probe = Worker(case.variant(case.runners[0])[1], f"{case.name}_flops")
+        flops = probe.call("flops")
+        probe.stop()
     workers = {name: Worker(case.variant(name)[1], f"{case.name}_{name}") for name in case.runners}
     steps = case.steps or plan.steps
     names = list(case.runners)
@@ -123,7 +125,10 @@ def summarise(case: cases.Case, reps: list[dict[str, float]], rss: dict, flops: 
         "baseline": top,
         "peak_rss_mb": rss,
         "flops_per_example": flops["flops_per_example"],
-        "achieved_flops_per_s": {k: v * flops["flops_per_example"] for k, v in median.items()},
+        "achieved_flops_per_s": {
+            k: v * flops["flops_per_example"] if flops["flops_per_example"] else None
+            for k, v in median.items()
+        },
     }
 
 
@@ -141,9 +146,10 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
         for name, rate in res["examples_per_s"].items():
             ratio = res["ratios"].get(f"{res['baseline']}/{name}")
             achieved = res["achieved_flops_per_s"][name]
+            flops = f"{achieved / 1e9:.1f} | {100 * achieved / peak:.1f}" if achieved else "- | -"
             lines.append(
                 f"| {res['case']} | {name} | {rate:.2f} | {'' if ratio is None else f'{ratio:.3f}'} "
-                f"| {res['peak_rss_mb'][name]:.0f} | {achieved / 1e9:.1f} | {100 * achieved / peak:.1f} |"
+                f"| {res['peak_rss_mb'][name]:.0f} | {flops} |"
             )
     return "\n".join(lines)
 
