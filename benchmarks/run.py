@@ -85,7 +85,7 @@ class Worker:
         self.process.join(timeout=30)
 
 
-def run_case(case: cases.Case, plan: cases.Plan) -> dict[str, Any]:
+def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None) -> dict[str, Any]:
     """All repetitions of one case; every runner in its own forked worker."""
     flops = {"flops_per_example": None}
     if case.count_flops:
@@ -96,7 +96,7 @@ def run_case(case: cases.Case, plan: cases.Plan) -> dict[str, Any]:
     steps = case.steps or plan.steps
     names = list(case.runners)
     reps: list[dict[str, float]] = []
-    for rep in range(plan.repetitions):
+    for rep in range(forced_reps or case.repetitions or plan.repetitions):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         rates = {}
         for name in order:
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {case.name}: skipped ({case.skip})", flush=True)
             results.append({"case": case.name, "skipped": case.skip})
             continue
-        results.append(run_case(case, plan))
+        results.append(run_case(case, plan, args.repetitions))
     markdown = table(results, peak)
     record = {
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
