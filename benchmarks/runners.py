@@ -101,7 +101,10 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    # fused, as ftlab's adamw config and HF Trainer's default (adamw_torch_fused): the same optimizer work in all
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
+    )
     scheduler = _schedule(optimizer, warmup + steps)
     done, t0 = 0, 0.0
     while done < warmup + steps:
