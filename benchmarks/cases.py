@@ -119,7 +119,7 @@ def build(quick: bool, cache_dir: str) -> list[Case]:
             [*text, "finetune=freeze_bottom", f"finetune.k={2 if quick else 4}"],
             text_batch,
             ("cached", "uncached"),
-            variants={"cached": ("ftlab", ["feature_cache=true"]), "uncached": ("ftlab", [])},
+            variants={"cached": ("ftlab", ["feature_cache=prefix"]), "uncached": ("ftlab", [])},
             baseline="cached",
             count_flops=False,
             repetitions=2,  # the ratio is far from 1; the cached runs read the features from disk after the first

@@ -62,6 +62,7 @@ def test_freeze_bottom_runs_only_the_top_layers_on_cached_hidden_states_with_the
         "finetune=freeze_bottom",
         "finetune.k=2",  # embeddings and layer.0 cached; layer.1 and the head train
         "trainer.max_epochs=2",
+        "feature_cache=prefix",
     ]
     with caplog.at_level(logging.INFO, logger="ftlab"):
         cached = train(compose_cfg(base, tmp_path / "cached"))

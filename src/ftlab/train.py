@@ -70,9 +70,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("compile"):  # in place (Module.compile), so parameter names and checkpoints stay the same
         module.backbone.compile()
     if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
-        datamodule = maybe_cache_features(
-            module, datamodule, cfg.trainer.get("max_epochs", -1), cfg.paths.cache_dir
-        )
+        max_epochs = cfg.trainer.get("max_epochs", -1)
+        prefix = cfg.feature_cache == "prefix"
+        datamodule = maybe_cache_features(module, datamodule, max_epochs, cfg.paths.cache_dir, prefix=prefix)
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
