@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
+from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.models.backbones.checkpoints import BACKBONE_FILE
 from ftlab.models.module import ClassificationModule
 from ftlab.utils import jobs, runs
@@ -80,6 +81,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         100 * counts["trainable_fraction"],
     )
 
+    if cfg.get("compile"):  # in place (Module.compile), so parameter names and checkpoints stay the same
+        module.backbone.compile()
+    if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
+        max_epochs = cfg.trainer.get("max_epochs", -1)
+        prefix = cfg.feature_cache == "prefix"
+        datamodule = maybe_cache_features(module, datamodule, max_epochs, cfg.paths.cache_dir, prefix=prefix)
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]

@@ -14,15 +14,16 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data import sampling
 from ftlab.data.labels import TASKS, LabelMap
-from ftlab.data.samplers import SeededShuffleSampler
+from ftlab.data.samplers import LengthBucketSampler, SeededShuffleSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
 from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
 
 log = logging.getLogger(__name__)
+PADDING = ("longest", "max_length")
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,11 @@ class PadCollator:
     example by example in Python, which costs more than a forward pass of a small model on these CPUs.
     """
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    def __init__(self, pad_id: int, width: int | None = None):
+        self.pad_id, self.width = pad_id, width  # width: pad every batch to it (static shapes), else longest
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(item["input_ids"]) for item in items)
+        width = self.width or max(len(item["input_ids"]) for item in items)
         ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)
         for row, item in enumerate(items):
@@ -169,6 +170,11 @@ class TextClassificationDataModule(pl.LightningDataModule):
         max_length: truncation length in tokens (at most the backbone's limit).
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
         cache_dir: where tokenized splits are cached (``null``: no cache).
+        bucketing: training batches of similar length (:class:`~ftlab.data.samplers.LengthBucketSampler`):
+            less padding, same examples per epoch; ``false``: a plain seeded shuffle.
+        padding: ``longest`` pads each batch to its longest example; ``max_length`` pads to ``max_length``
+            (static shapes, e.g. for ``torch.compile`` or to measure what dynamic padding saves).
+        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies (``trainer=gpu``).
     """
 
     def __init__(
@@ -196,8 +202,13 @@ class TextClassificationDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        bucketing: bool = True,
+        padding: str = "longest",
+        pin_memory: bool = False,
     ):
         super().__init__()
+        if padding not in PADDING:
+            raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r} is not supported; use one of {', '.join(TASKS)}.")
         if max_length > preprocessing.max_length:
@@ -233,6 +244,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.max_length, self.seed = max_length, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
         self.num_workers = num_workers
+        self.bucketing, self.padding, self.pin_memory = bucketing, padding, pin_memory
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.label_map: LabelMap | None = None
         self.datasets: dict[str, TokenizedText] = {}
@@ -305,7 +317,8 @@ class TextClassificationDataModule(pl.LightningDataModule):
         label = self.columns["label_column"]
         self.label_map = LabelMap.from_train(tables["train"][label].tolist(), self.task, self.keep_labels)
         tokenizer = load_tokenizer(self.preprocessing.tokenizer)
-        self.collate = PadCollator(tokenizer.pad_token_id or 0)
+        width = self.max_length if self.padding == "max_length" else None
+        self.collate = PadCollator(tokenizer.pad_token_id or 0, width)
         for split in SPLITS:
             frame = tables[split]
             labels = self.label_map.encode(frame[label].tolist(), split, f"data.label_column={label!r}")
@@ -322,14 +335,29 @@ class TextClassificationDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         dataset = self.datasets[split]
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=SeededShuffleSampler(len(dataset), self.seed, epoch) if shuffle else None,
+            sampler=self._train_sampler(dataset) if shuffle else None,
             collate_fn=self.collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def _train_sampler(self, dataset: TokenizedText) -> Sampler[int]:
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        if not self.bucketing:
+            return SeededShuffleSampler(len(dataset), self.seed, epoch)
+        # under DDP each rank takes its slice of every bucket (see LengthBucketSampler); Lightning leaves it as is
+        return LengthBucketSampler(
+            np.diff(dataset.offsets),
+            self.batch_size,
+            self.seed,
+            epoch,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -129,7 +129,16 @@ class ClassificationModule(pl.LightningModule):
     # --- steps --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of shape (B, num_classes); (B,) for regression."""
-        logits = self.head(self.backbone(batch))
+        # cached features of a frozen backbone (ftlab.finetuning.feature_cache) go straight to the head
+        if "features" in batch:
+            features = batch["features"]
+        elif "hidden_states" in batch:  # the cached output of the frozen bottom groups: run the rest
+            features = self.backbone.forward_from(
+                int(batch["start_group"]), batch["hidden_states"], batch["attention_mask"]
+            )
+        else:
+            features = self.backbone(batch)
+        logits = self.head(features)
         return logits.squeeze(-1) if self.regression else logits
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -113,8 +113,48 @@ class HFTextBackbone(nn.Module):
         out = self.model(**{k: batch[k] for k in self.input_names if k in batch})
         if self.pooling == "pooler":
             return out.pooler_output
-        hidden = out.last_hidden_state  # (B, T, H)
+        return self._pool(out.last_hidden_state, batch["attention_mask"])
+
+    # --- split at a layer group (the feature cache runs a frozen prefix once, the rest every step) ------------
+    def can_split(self) -> bool:
+        """Whether :meth:`forward_until` / :meth:`forward_from` work: BERT-style encoders of transformers 5."""
+        model = self.model
+        layers = _get(model, "encoder.layer")
+        return (
+            hasattr(model, "embeddings")
+            and hasattr(model, "_create_attention_masks")
+            and isinstance(layers, nn.ModuleList)
+            and not getattr(model.config, "is_decoder", False)
+            and [n for n, _ in self.layer_groups()][1 : 1 + len(layers)]
+            == [f"layer.{i}" for i in range(len(layers))]
+        )
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+        # the model's own (B, T) -> attention-implementation mask (sdpa/eager), as its forward builds it
+        return self.model._create_attention_masks(attention_mask, None, hidden, None, None)[0]
+
+    def forward_until(self, stop: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states (B, T, H) after the bottom ``stop`` layer groups (embeddings, layer.0, ...)."""
+        model = self.model
+        ids = {k: batch[k] for k in ("input_ids", "token_type_ids") if k in batch and k in self.input_names}
+        hidden = model.embeddings(**ids)
+        mask = self._mask(hidden, batch["attention_mask"])
+        for block in model.encoder.layer[: stop - 1]:
+            hidden = block(hidden, mask)
+        return hidden
+
+    def forward_from(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, H) from ``forward_until(start, ...)``'s hidden states: runs groups ``start`` and up."""
+        model = self.model
+        mask = self._mask(hidden, attention_mask)
+        for block in model.encoder.layer[start - 1 :]:
+            hidden = block(hidden, mask)
+        if self.pooling == "pooler":
+            return model.pooler(hidden)
+        return self._pool(hidden, attention_mask)
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)

@@ -1,0 +1,214 @@
+"""``make bench``: ftlab's ``train()`` against a plain PyTorch loop and HF ``Trainer``, same work, alternating.
+
+For every case, one worker process per runner is forked from this process (so all share the imports and one
+process tree, and each has its own peak-memory figure). Repetition ``r`` runs the runners one after another in an
+order rotated by ``r``; the ratio ftlab/plain is taken within each repetition (the runners of one repetition saw
+the same machine load) and the median over repetitions is reported. Only one worker computes at a time.
+
+    python benchmarks/run.py            # the full suite (~15 min on 2 CPU cores)
+    python benchmarks/run.py --quick    # a smoke test on a tiny model (~20 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT / "src")]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import cases  # noqa: E402
+import runners  # noqa: E402  (imports torch, Lightning, transformers once, before the workers fork)
+import transformers  # noqa: E402, F401
+
+import ftlab.train  # noqa: E402, F401
+
+
+def _worker(conn: Any, overrides: list[str], log_file: Path) -> None:
+    """Runs commands from the parent: ("run", runner, warmup, steps), ("flops",), ("peak",), ("stop",)."""
+    # Lightning/transformers chatter goes to the worker's log file; errors come back to the parent
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    while True:
+        command = conn.recv()
+        if command[0] == "stop":
+            return
+        try:
+            if command[0] == "run":
+                _, name, warmup, steps = command
+                result = runners.RUNNERS[name](cases.compose(overrides), warmup, steps)
+            elif command[0] == "flops":
+                result = runners.step_flops(cases.compose(overrides))
+            else:
+                result = {"flops_per_s": runners.matmul_peak()}
+            result["max_rss_mb"] = runners._max_rss_mb()
+            conn.send(("ok", result))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+
+
+class Worker:
+    log_dir = Path(tempfile.gettempdir())
+
+    def __init__(self, overrides: list[str], name: str = "probe"):
+        self.conn, child = mp.get_context("fork").Pipe()
+        log_file = self.log_dir / f"{name.replace('/', '_')}.log"
+        self.process = mp.get_context("fork").Process(
+            target=_worker, args=(child, overrides, log_file), daemon=True
+        )
+        self.process.start()
+
+    def call(self, *command: Any) -> dict[str, Any]:
+        self.conn.send(command)
+        status, result = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"worker failed on {command}:\n{result}")
+        return result
+
+    def stop(self) -> None:
+        self.conn.send(("stop",))
+        self.process.join(timeout=30)
+
+
+def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None) -> dict[str, Any]:
+    """All repetitions of one case; every runner in its own forked worker."""
+    flops = {"flops_per_example": None}
+    if case.count_flops:
+        probe = Worker(case.variant(case.runners[0])[1], f"{case.name}_flops")
+        flops = probe.call("flops")
+        probe.stop()
+    workers = {name: Worker(case.variant(name)[1], f"{case.name}_{name}") for name in case.runners}
+    steps = case.steps or plan.steps
+    names = list(case.runners)
+    reps: list[dict[str, float]] = []
+    for rep in range(forced_reps or case.repetitions or plan.repetitions):
+        order = names[rep % len(names) :] + names[: rep % len(names)]
+        rates = {}
+        for name in order:
+            result = workers[name].call("run", case.variant(name)[0], plan.warmup, steps)
+            rates[name] = steps * case.batch_size / result["seconds"]
+            print(f"  {case.name} rep {rep} {name:<10} {rates[name]:8.2f} examples/s", flush=True)
+        reps.append(rates)
+    rss = {name: w.call("peak")["max_rss_mb"] for name, w in workers.items()}
+    for w in workers.values():
+        w.stop()
+    return summarise(case, reps, rss, flops)
+
+
+def summarise(case: cases.Case, reps: list[dict[str, float]], rss: dict, flops: dict) -> dict[str, Any]:
+    median = {name: statistics.median(r[name] for r in reps) for name in case.runners}
+    ratios, top = {}, case.baseline
+    for other in case.runners:
+        if other != top:
+            ratios[f"{top}/{other}"] = statistics.median(r[top] / r[other] for r in reps)
+    return {
+        "case": case.name,
+        "overrides": case.overrides,
+        "examples_per_s": median,
+        "repetitions": reps,
+        "ratios": ratios,
+        "baseline": top,
+        "peak_rss_mb": rss,
+        "flops_per_example": flops["flops_per_example"],
+        "achieved_flops_per_s": {
+            k: v * flops["flops_per_example"] if flops["flops_per_example"] else None
+            for k, v in median.items()
+        },
+    }
+
+
+def table(results: list[dict[str, Any]], peak: float) -> str:
+    lines = [
+        f"Matmul peak (2048x2048 fp32, torch default threads): {peak / 1e9:.1f} GFLOP/s",
+        "",
+        "| case | runner | examples/s (median) | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for res in results:
+        if "skipped" in res:
+            lines.append(f"| {res['case']} | skipped: {res['skipped']} | | | | | |")
+            continue
+        for name, rate in res["examples_per_s"].items():
+            ratio = res["ratios"].get(f"{res['baseline']}/{name}")
+            achieved = res["achieved_flops_per_s"][name]
+            flops = f"{achieved / 1e9:.1f} | {100 * achieved / peak:.1f}" if achieved else "- | -"
+            lines.append(
+                f"| {res['case']} | {name} | {rate:.2f} | {'' if ratio is None else f'{ratio:.3f}'} "
+                f"| {res['peak_rss_mb'][name]:.0f} | {flops} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
+    parser.add_argument("--cases", nargs="*", help="run only these cases (names as in the table)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON and Markdown")
+    parser.add_argument("--repetitions", type=int, help="override the plan's repetitions")
+    parser.add_argument("--steps", type=int, help="override the plan's timed steps per repetition")
+    args = parser.parse_args(argv)
+    plan = cases.QUICK_PLAN if args.quick else cases.FULL_PLAN
+    plan = cases.Plan(
+        args.repetitions or plan.repetitions, plan.warmup, args.steps or plan.steps, plan.cache_dir
+    )
+    selected = cases.build(args.quick, plan.cache_dir or tempfile.mkdtemp(prefix="ftlab-bench-"))
+    if args.cases:
+        selected = [c for c in selected if c.name in args.cases]
+    start = time.perf_counter()
+    Worker.log_dir = args.out / "logs"
+    probe = Worker([])
+    peak = probe.call("peak")["flops_per_s"]
+    probe.stop()
+    print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; {plan}", flush=True)
+    results = []
+    for case in selected:
+        if case.skip:
+            print(f"  {case.name}: skipped ({case.skip})", flush=True)
+            results.append({"case": case.name, "skipped": case.skip})
+            continue
+        results.append(run_case(case, plan, args.repetitions))
+    markdown = table(results, peak)
+    record = {
+        "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "plan": plan._asdict(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "matmul_peak_flops_per_s": peak,
+        "wall_s": round(time.perf_counter() - start, 1),
+        "results": results,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "quick" if args.quick else "bench"
+    (args.out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+    (args.out / f"{stem}.md").write_text(f"`{record['command']}`\n\n{markdown}\n")
+    print(
+        "\n"
+        + markdown
+        + f"\n\n(wall time {record['wall_s']} s; written to {args.out}/{stem}.json, worker logs in {Worker.log_dir})",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

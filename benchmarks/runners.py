@@ -1,0 +1,229 @@
+"""The three ways of running the same training steps: ftlab's ``train()``, a plain PyTorch loop, HF ``Trainer``.
+
+All three build the same backbone, head and data from the same composed ftlab config (so the model, the data, the
+batch size, the sequence length, the seed and the batch order are the same), run ``warmup + steps`` optimizer steps
+and time the last ``steps`` complete iterations (data fetch, forward, backward, clipping, optimizer and scheduler
+step, and whatever the framework does per step): from the end of step ``warmup - 1`` to the end of the last step.
+Start-up (imports, model loading, tokenisation), validation, testing and checkpoint writing are outside the window.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+from torch import nn
+from torch.nn import functional as F
+
+
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+class StepTimer(pl.Callback):
+    """Times steps ``warmup .. warmup+steps-1`` of ftlab's Lightning loop; the result lands in ``StepTimer.last``."""
+
+    last: dict[str, float] = {}
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps, self.done, self.t0 = warmup, steps, 0, 0.0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.done += 1
+        if self.done == self.warmup:
+            self.t0 = time.perf_counter()
+        elif self.done == self.warmup + self.steps:
+            StepTimer.last = {"seconds": time.perf_counter() - self.t0}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_parts(cfg: DictConfig) -> tuple[nn.Module, nn.Module, Any]:
+    """Backbone, head and a set-up data module exactly as ``ftlab.train.train`` builds them."""
+    pl.seed_everything(cfg.seed, workers=True)
+    backbone = instantiate(cfg.model.backbone)
+    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    datamodule.setup("fit")
+    head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
+    return backbone, head, datamodule
+
+
+class Classifier(nn.Module):
+    """Backbone + head + cross-entropy; the bottom ``frozen`` layer groups frozen and kept in eval mode."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, frozen: int):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        groups = backbone.layer_groups()
+        self.frozen_modules = [m for _, modules in groups[:frozen] for m in modules]
+        for module in self.frozen_modules:
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        for module in self.frozen_modules:  # frozen layers: no dropout, as in ftlab's policy
+            module.eval()
+        return self
+
+    def forward(self, labels: torch.Tensor, num_items_in_batch: Any = None, **inputs: Any) -> dict:
+        logits = self.head(self.backbone(inputs))
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def frozen_groups(cfg: DictConfig, backbone: nn.Module) -> int:
+    """How many bottom groups the case's ``finetune`` config freezes."""
+    if cfg.finetune.get("freeze_backbone"):
+        return len(backbone.layer_groups())
+    return int(cfg.finetune.get("k", 0) or 0)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, total: int) -> Any:
+    from transformers import get_scheduler
+
+    return get_scheduler("linear", optimizer, num_warmup_steps=round(0.1 * total), num_training_steps=total)
+
+
+def run_plain(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+    """The reference: a hand-written loop over the same loader, AdamW, clipping, linear warmup/decay."""
+    backbone, head, datamodule = build_parts(cfg)
+    model = Classifier(backbone, head, frozen_groups(cfg, backbone))
+    device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused, as ftlab's adamw config and HF Trainer's default (adamw_torch_fused): the same optimizer work in all
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
+    )
+    scheduler = _schedule(optimizer, warmup + steps)
+    done, t0 = 0, 0.0
+    while done < warmup + steps:
+        for batch in datamodule.train_dataloader():
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = model(**batch)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            done += 1
+            if done == warmup:
+                _sync()
+                t0 = time.perf_counter()
+            if done == warmup + steps:
+                _sync()
+                break
+    return {"seconds": time.perf_counter() - t0}
+
+
+def run_ftlab(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+    """ftlab's own ``train()`` with the case's config, stopped after ``warmup + steps`` steps."""
+    from ftlab.train import train
+
+    StepTimer.last = {}
+    with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
+        cfg.paths.output_dir = tmp
+        cfg.trainer.max_steps = warmup + steps
+        cfg.trainer.max_epochs = -1
+        cfg.callbacks["bench_timer"] = {"_target_": "runners.StepTimer", "warmup": warmup, "steps": steps}
+        train(cfg)
+    if not StepTimer.last:
+        raise RuntimeError("ftlab run ended before the timed steps: not enough training batches.")
+    return dict(StepTimer.last)
+
+
+def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+    """HF ``Trainer`` on the same model and the same loader (same batches in the same order)."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    backbone, head, datamodule = build_parts(cfg)
+    model = Classifier(backbone, head, frozen_groups(cfg, backbone))
+    timing: dict[str, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == warmup:
+                _sync()
+                timing["t0"] = time.perf_counter()
+            elif state.global_step == warmup + steps:
+                _sync()
+                timing["seconds"] = time.perf_counter() - timing["t0"]
+
+    class SameBatches(Trainer):
+        def get_train_dataloader(self) -> Any:
+            return datamodule.train_dataloader()
+
+    total = warmup + steps
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            max_steps=total,
+            per_device_train_batch_size=cfg.data.batch_size,
+            learning_rate=cfg.optimizer.lr,
+            weight_decay=cfg.optimizer.weight_decay,
+            lr_scheduler_type="linear",
+            warmup_steps=round(0.1 * total),
+            max_grad_norm=1.0,
+            logging_steps=cfg.trainer.log_every_n_steps,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            use_cpu=cfg.trainer.accelerator != "gpu",
+            seed=cfg.seed,
+            remove_unused_columns=False,
+            dataloader_num_workers=cfg.data.get("num_workers", 0),
+        )
+        SameBatches(model=model, args=args, callbacks=[Timer()]).train()
+    return {"seconds": timing["seconds"]}
+
+
+RUNNERS = {"ftlab": run_ftlab, "plain": run_plain, "hf_trainer": run_hf_trainer}
+
+
+def step_flops(cfg: DictConfig, batches: int = 3) -> dict[str, float]:
+    """Training FLOPs (forward + backward) per example, counted by torch on the first ``batches`` batches.
+
+    An estimate: bucketed batches differ in width, so the timed window's mean may differ by a few percent.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backbone, head, datamodule = build_parts(cfg)
+    model = Classifier(backbone, head, frozen_groups(cfg, backbone)).train()
+    flops = examples = 0
+    for i, batch in enumerate(datamodule.train_dataloader()):
+        if i == batches:
+            break
+        with FlopCounterMode(display=False) as counter:
+            model(**batch)["loss"].backward()
+        flops, examples = flops + counter.get_total_flops(), examples + len(batch["labels"])
+    return {"flops_per_example": flops / examples}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best FLOP/s of an ``n x n`` fp32 matmul on this machine with torch's default thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def work_dir() -> Path:
+    return Path(tempfile.gettempdir())
+
+
+__all__ = ["RUNNERS", "StepTimer", "matmul_peak", "step_flops", "_max_rss_mb"]

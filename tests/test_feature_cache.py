@@ -1,0 +1,99 @@
+"""Feature cache: a linear probe on cached features trains exactly like the uncached one; stale keys never match."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ftlab.finetuning.feature_cache import CachedFeatureDataModule, cache_key, maybe_cache_features, why_not
+from ftlab.models.module import ClassificationModule
+from ftlab.train import train
+
+from conftest import compose_cfg, tiny_text_overrides
+
+
+def _build(cfg):
+    torch.manual_seed(0)
+    backbone = instantiate(cfg.model.backbone)
+    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    datamodule.setup("fit")
+    head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
+    module = ClassificationModule(
+        backbone, head, instantiate(cfg.finetune), optimizer=instantiate(cfg.optimizer), num_classes=2
+    )
+    return module, datamodule
+
+
+def test_head_only_on_cached_features_matches_the_uncached_run(reviews_csv, tmp_path, caplog):
+    base = tiny_text_overrides(reviews_csv, tmp_path) + ["finetune=head_only", "trainer.max_epochs=3"]
+    with caplog.at_level(logging.INFO, logger="ftlab"):
+        cached = train(compose_cfg(base, tmp_path / "cached"))
+    assert "Feature cache: computed" in caplog.text
+    uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    for key in ("test/acc", "test/loss", "test/f1", "best/val/acc"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-5), key
+    assert cached["test/loss"] != pytest.approx(0.6931, abs=1e-3)  # the head did learn something
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ftlab"):
+        again = train(compose_cfg(base, tmp_path / "again"))
+    assert "Feature cache: read" in caplog.text and again["test/loss"] == pytest.approx(cached["test/loss"])
+
+
+def test_cache_key_changes_with_weights_data_and_preprocessing(reviews_csv, tmp_path):
+    base = tiny_text_overrides(reviews_csv, tmp_path) + ["finetune=head_only"]
+    module, datamodule = _build(compose_cfg(base))
+    key = cache_key(module, datamodule)
+    assert cache_key(*_build(compose_cfg(base))) == key  # same model, data and preprocessing: same entry
+    with torch.no_grad():
+        next(module.backbone.parameters())[0, 0] += 1e-3
+    assert cache_key(module, datamodule) != key  # weights
+    assert cache_key(*_build(compose_cfg([*base, "data.max_length=6"]))) != key  # preprocessing: truncation
+    assert cache_key(*_build(compose_cfg([*base, "data.padding=max_length"]))) != key  # collator
+    assert cache_key(*_build(compose_cfg([*base, "data.val_fraction=0.2"]))) != key  # data
+
+
+def test_freeze_bottom_runs_only_the_top_layers_on_cached_hidden_states_with_the_same_metrics(
+    reviews_csv, tmp_path, caplog
+):
+    base = tiny_text_overrides(reviews_csv, tmp_path) + [
+        "finetune=freeze_bottom",
+        "finetune.k=2",  # embeddings and layer.0 cached; layer.1 and the head train
+        "trainer.max_epochs=2",
+        "feature_cache=prefix",
+    ]
+    with caplog.at_level(logging.INFO, logger="ftlab"):
+        cached = train(compose_cfg(base, tmp_path / "cached"))
+    assert "Feature cache: computed the frozen layers' outputs once (2 groups" in caplog.text
+    uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    for key in ("test/acc", "test/loss", "best/val/acc"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["finetune=full"], "freezes no backbone group"),
+        (["finetune=head_only", "+finetune.frozen_dropout=true"], "frozen_dropout"),
+        (["finetune=freeze_bottom", "finetune.k=2", "+finetune.train_bn=true"], "train_bn"),
+    ],
+)
+def test_falls_back_with_a_reason_when_the_frozen_layers_are_not_deterministic(
+    reviews_csv, tmp_path, overrides, reason
+):
+    cfg = compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + overrides)
+    module, datamodule = _build(cfg)
+    assert reason in why_not(module, datamodule, 2)
+    assert maybe_cache_features(module, datamodule, 2, str(tmp_path)) is datamodule
+
+
+def test_falls_back_when_a_frozen_group_holds_trainable_parameters(reviews_csv, tmp_path):
+    cfg = compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + ["finetune=head_only"])
+    module, datamodule = _build(cfg)
+    assert isinstance(maybe_cache_features(module, datamodule, 2, None), CachedFeatureDataModule)
+    next(module.backbone.parameters()).requires_grad_(
+        True
+    )  # as a PEFT adapter inside a frozen layer would be
+    assert "trainable parameters" in why_not(module, datamodule, 2)
