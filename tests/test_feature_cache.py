@@ -77,7 +77,7 @@ def test_freeze_bottom_runs_only_the_top_layers_on_cached_hidden_states_with_the
     [
         (["finetune=full"], "freezes no backbone group"),
         (["finetune=head_only", "+finetune.frozen_dropout=true"], "frozen_dropout"),
-        (["finetune=freeze_bottom", "finetune.k=2", "+finetune.train_bn=true"], "train_bn"),
+        (["finetune=freeze_bottom", "finetune.k=2", "finetune.train_bn=true"], "train_bn"),
     ],
 )
 def test_falls_back_with_a_reason_when_the_frozen_layers_are_not_deterministic(

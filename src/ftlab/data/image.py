@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ftlab.data import sampling
+from ftlab.data.base import ClassificationDataModule
 from ftlab.data.image_sources import (
     EMBEDDED_IMAGES,
     IMAGE_SOURCES,
@@ -22,7 +22,6 @@ from ftlab.data.image_sources import (
     load_torchvision,
 )
 from ftlab.data.labels import LabelMap
-from ftlab.data.samplers import SeededShuffleSampler
 from ftlab.data.sources import SPLITS
 from ftlab.utils.errors import ConfigError, DataError
 
@@ -111,7 +110,7 @@ class ImageDataset(Dataset):
         return {"pixel_values": pixels, "labels": torch.as_tensor(self.labels[index], dtype=torch.long)}
 
 
-class ImageClassificationDataModule(pl.LightningDataModule):
+class ImageClassificationDataModule(ClassificationDataModule):
     """Images with one class each, from an embedded set, an image folder tree or a torchvision dataset.
 
     Args:
@@ -150,7 +149,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory=False)
         if source not in IMAGE_SOURCES:
             raise ConfigError(
                 f"data.source={source!r} is not supported; use one of {', '.join(IMAGE_SOURCES)}."
@@ -164,23 +163,7 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         self.keep_classes = [str(c) for c in classes] if classes is not None else None
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
-        self.augment, self.seed = augment, seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
-        self.num_workers = num_workers
-        self.label_map: LabelMap | None = None
-        self.datasets: dict[str, ImageDataset] = {}
-
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        assert self.label_map is not None
-        return self.label_map.num_classes
-
-    @property
-    def label_names(self) -> list[str] | None:
-        self.setup()
-        assert self.label_map is not None
-        return self.label_map.names
+        self.augment = augment
 
     def _load(self) -> dict[str, Split]:
         args = self.source_args
@@ -204,25 +187,17 @@ class ImageClassificationDataModule(pl.LightningDataModule):
     def _split(self, splits: dict[str, Split]) -> dict[str, Split]:
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         images, labels = splits["train"]
-        total = len(labels)
-        for split, fraction, key in (
-            ("test", self.test_fraction, "data.test_fraction"),
-            ("validation", self.val_fraction, "data.val_fraction"),
-        ):
-            if split not in splits:  # fractions are of the whole source, as for text
-                rest, held = sampling.split_off(
-                    labels, min(fraction * total / len(labels), 0.99), self.seed, key
-                )
-                splits[split] = (images[held], labels[held])
-                images, labels = images[rest], labels[rest]
-        if self.examples_per_class is not None:
-            keep = sampling.few_shot(labels, self.examples_per_class, self.seed)
-            images, labels = images[keep], labels[keep]
-        if self.max_train_examples is not None:
-            keep = sampling.subsample(labels, self.max_train_examples, self.seed)
-            images, labels = images[keep], labels[keep]
-        splits["train"] = (images, labels)
-        return splits
+        missing = {s for s in ("validation", "test") if s not in splits}
+        indices = sampling.split_train(
+            labels,
+            missing,
+            self.val_fraction,
+            self.test_fraction,
+            self.examples_per_class,
+            self.max_train_examples,
+            self.seed,
+        )
+        return {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
 
     def setup(self, stage: str | None = None) -> None:
         if self.label_map is not None:
@@ -237,27 +212,3 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             self.datasets[split] = ImageDataset(images, ids, transform)
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info("Image data %s: %s; %d classes.", self.source, sizes, self.label_map.num_classes)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        dataset = self.datasets[split]
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=SeededShuffleSampler(len(dataset), self.seed, epoch) if shuffle else None,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.label_map.to_dict() if self.label_map else None}

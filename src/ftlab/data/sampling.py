@@ -64,3 +64,33 @@ def few_shot(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
             )
         chosen.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
     return np.sort(np.concatenate(chosen))
+
+
+def split_train(
+    labels: np.ndarray,
+    missing: set[str],
+    val_fraction: float,
+    test_fraction: float,
+    examples_per_class: int | None,
+    max_train_examples: int | None,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """Indices into the source's training split: the held-out splits in ``missing``, then the (subset) train split.
+
+    Fractions are of the whole training source, not of what the previous split left. ``labels`` is what to
+    stratify on (class labels; regression targets are not stratified).
+    """
+    total = len(labels)
+    index = np.arange(total)
+    splits: dict[str, np.ndarray] = {}
+    for split, fraction in (("test", test_fraction), ("validation", val_fraction)):
+        if split in missing:
+            key = "data.test_fraction" if split == "test" else "data.val_fraction"
+            rest, held = split_off(labels[index], fraction * total / len(index), seed, key)
+            splits[split], index = index[held], index[rest]
+    if examples_per_class is not None:
+        index = index[few_shot(labels[index], examples_per_class, seed)]
+    if max_train_examples is not None:
+        index = index[subsample(labels[index], max_train_examples, seed)]
+    splits["train"] = index
+    return splits

@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from ftlab.data import sampling
+from ftlab.data.base import ClassificationDataModule
 from ftlab.data.labels import TASKS, LabelMap
-from ftlab.data.samplers import LengthBucketSampler, SeededShuffleSampler
+from ftlab.data.samplers import LengthBucketSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
 from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
 
@@ -154,7 +154,7 @@ def tokenize_cached(
     return arrays
 
 
-class TextClassificationDataModule(pl.LightningDataModule):
+class TextClassificationDataModule(ClassificationDataModule):
     """Single texts or text pairs with a class (or a number, ``task=regression``) each.
 
     Args:
@@ -206,7 +206,7 @@ class TextClassificationDataModule(pl.LightningDataModule):
         padding: str = "longest",
         pin_memory: bool = False,
     ):
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
         if task not in TASKS:
@@ -241,48 +241,29 @@ class TextClassificationDataModule(pl.LightningDataModule):
         self.keep_labels, self.task = labels, task
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
-        self.max_length, self.seed = max_length, seed
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
-        self.num_workers = num_workers
-        self.bucketing, self.padding, self.pin_memory = bucketing, padding, pin_memory
+        self.max_length = max_length
+        self.bucketing, self.padding = bucketing, padding
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self.label_map: LabelMap | None = None
-        self.datasets: dict[str, TokenizedText] = {}
-        self.collate: PadCollator | None = None
-
-    @property
-    def num_classes(self) -> int:
-        self.setup()
-        assert self.label_map is not None
-        return self.label_map.num_classes
-
-    @property
-    def label_names(self) -> list[str] | None:
-        self.setup()
-        assert self.label_map is not None
-        return self.label_map.names
 
     def _split(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         train = tables["train"].reset_index(drop=True)
-        label = self.columns["label_column"]
-        stratify_on = (
-            train[label].astype(str).to_numpy() if self.task == "classification" else train[label].to_numpy()
+        label = train[self.columns["label_column"]]
+        stratify_on = label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
+        missing = {s for s in ("validation", "test") if s not in tables}
+        indices = sampling.split_train(
+            stratify_on,
+            missing,
+            self.val_fraction,
+            self.test_fraction,
+            self.examples_per_class,
+            self.max_train_examples,
+            self.seed,
         )
-        total = len(train)
-        for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
-            if split not in tables:  # fractions are of the whole source, not of what the previous split left
-                key = f"data.{split[:3] if split == 'validation' else split}_fraction"
-                rest, held = sampling.split_off(stratify_on, fraction * total / len(train), self.seed, key)
-                tables[split] = train.iloc[held].reset_index(drop=True)
-                train, stratify_on = train.iloc[rest].reset_index(drop=True), stratify_on[rest]
-        if self.examples_per_class is not None:
-            keep = sampling.few_shot(stratify_on, self.examples_per_class, self.seed)
-            train, stratify_on = train.iloc[keep].reset_index(drop=True), stratify_on[keep]
-        if self.max_train_examples is not None:
-            train = train.iloc[sampling.subsample(stratify_on, self.max_train_examples, self.seed)]
-        tables["train"] = train.reset_index(drop=True)
-        return tables
+        return {
+            **tables,
+            **{split: train.iloc[index].reset_index(drop=True) for split, index in indices.items()},
+        }
 
     def _clean(self, frame: pd.DataFrame, split: str) -> pd.DataFrame:
         text, pair, label = (self.columns[k] for k in ("text_column", "text_pair_column", "label_column"))
@@ -332,24 +313,10 @@ class TextClassificationDataModule(pl.LightningDataModule):
             "Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        dataset = self.datasets[split]
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=self._train_sampler(dataset) if shuffle else None,
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
-        )
-
-    def _train_sampler(self, dataset: TokenizedText) -> Sampler[int]:
-        trainer = self.trainer
-        epoch = trainer.current_epoch if trainer is not None else 0
+    def _train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
         if not self.bucketing:
-            return SeededShuffleSampler(len(dataset), self.seed, epoch)
+            return super()._train_sampler(dataset)
+        trainer, epoch = self.trainer, self._epoch()
         # under DDP each rank takes its slice of every bucket (see LengthBucketSampler); Lightning leaves it as is
         return LengthBucketSampler(
             np.diff(dataset.offsets),
@@ -359,15 +326,3 @@ class TextClassificationDataModule(pl.LightningDataModule):
             num_replicas=trainer.world_size if trainer is not None else 1,
             rank=trainer.global_rank if trainer is not None else 0,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"labels": self.label_map.to_dict() if self.label_map else None}

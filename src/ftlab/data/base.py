@@ -1,0 +1,72 @@
+"""What the text and image data modules share: the label map, the loaders and the checkpointed state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ftlab.data.labels import LabelMap
+from ftlab.data.samplers import SeededShuffleSampler
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base of the data modules: subclasses fill ``label_map`` and ``datasets`` (train/validation/test) in ``setup``.
+
+    Training batches come in an order that is a function of (seed, epoch) (``_train_sampler``), so a resumed run
+    sees the batches the uninterrupted run would.
+    """
+
+    def __init__(
+        self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int, pin_memory: bool
+    ):
+        super().__init__()
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
+        self.label_map: LabelMap | None = None
+        self.datasets: dict[str, Any] = {}
+        self.collate: Any = None
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        assert self.label_map is not None
+        return self.label_map.num_classes
+
+    @property
+    def label_names(self) -> list[str] | None:
+        self.setup()
+        assert self.label_map is not None
+        return self.label_map.names
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def _train_sampler(self, dataset: Dataset) -> Sampler[int]:
+        return SeededShuffleSampler(len(dataset), self.seed, self._epoch())  # type: ignore[arg-type]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            sampler=self._train_sampler(dataset) if shuffle else None,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"labels": self.label_map.to_dict() if self.label_map else None}
