@@ -11,7 +11,6 @@ the same torchmetrics definitions as training, so ``split=test`` on the best che
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,19 +138,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except Exception as err:
-        user = runs.user_error(err)
-        if user is None:
-            raise
-        runs.print_error(user)
-        sys.exit(2)
+    runs.exit_on_user_error(evaluate, cfg)
 
 
 def main() -> None:

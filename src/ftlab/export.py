@@ -15,7 +15,6 @@ from the checkpoint is reported and must be within ``tolerance``. ``export.json`
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,19 +115,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return export_format(cfg, run)
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        export(cfg)
-    except Exception as err:
-        user = runs.user_error(err)
-        if user is None:
-            raise
-        runs.print_error(user)
-        sys.exit(2)
+    runs.exit_on_user_error(export, cfg)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ Writes one row per input (``input``, ``label``, ``probability`` and the top-k la
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -182,19 +181,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"output": str(output), "examples": len(rows)}
 
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        predict(cfg)
-    except Exception as err:
-        user = runs.user_error(err)
-        if user is None:
-            raise
-        runs.print_error(user)
-        sys.exit(2)
+    runs.exit_on_user_error(predict, cfg)
 
 
 def main() -> None:

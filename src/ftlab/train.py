@@ -122,22 +122,10 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> None:
     print("\nftlab run finished\n" + "\n".join(lines) + f"\n  run folder       {output_dir}\n", flush=True)
 
 
-# conf/ sits at the repository root (the design card's layout); ftlab is installed editable (`make install`).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        return jobs.run_job(
-            train, cfg
-        )  # status.json; in a multirun a failed job returns None, the sweep goes on
-    except Exception as err:
-        user = runs.user_error(err)
-        if user is None:
-            raise
-        runs.print_error(user)
-        sys.exit(2)
+    # status.json; in a multirun a failed job returns None and the sweep goes on
+    return runs.exit_on_user_error(jobs.run_job, train, cfg)
 
 
 def main() -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
 
+# conf/ sits at the repository root (the design card's layout); ftlab is installed editable (`make install`).
+CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
 METRICS_FILE = "metrics.json"
 LABELS_FILE = "labels.json"
 LAST_CKPT = "checkpoints/last.ckpt"
@@ -114,6 +117,21 @@ def user_error(err: BaseException) -> FtlabError | None:
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return None
+
+
+def exit_on_user_error(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``; a user error (also one wrapped by Hydra) is printed as one paragraph and exits with status 2.
+
+    Anything else is a bug and keeps its traceback.
+    """
+    try:
+        return fn(*args)
+    except Exception as err:
+        user = user_error(err)
+        if user is None:
+            raise
+        print_error(user)
+        sys.exit(2)
 
 
 def print_error(err: BaseException) -> None:
