@@ -98,9 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False
     )
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
-    if (
-        cfg.save_backbone and trainer.is_global_zero
-    ):  # test loaded the best weights: the backbone alone, for transfer
+    # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them
+    if cfg.save_backbone and trainer.is_global_zero:
         torch.save(module.backbone.state_dict(), output_dir / BACKBONE_FILE)
     if getattr(backbone, "loaded_checkpoint", None):
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
