@@ -108,6 +108,43 @@ def test_backbone_checkpoint_loads_backbone_only_and_rejects_other_architectures
         tiny_resnet(checkpoint=str(tmp_path / "nothing_here"))
 
 
+@pytest.mark.parametrize("n", [0, 2, 5])
+def test_checkpoint_groups_copies_only_the_bottom_n_groups(tmp_path, n):
+    """Yosinski et al.'s AnB: groups below n come from the checkpoint, the others keep their fresh init."""
+    torch.manual_seed(1)
+    source = tiny_resnet()
+    torch.save(source.state_dict(), tmp_path / "backbone.pt")
+    torch.manual_seed(2)
+    fresh = tiny_resnet()
+    torch.manual_seed(2)  # the same init as `fresh`, then the bottom n groups copied
+    loaded = tiny_resnet(checkpoint=str(tmp_path), checkpoint_groups=n)
+    names = ["stem", "layer1", "layer2", "layer3", "layer4"]
+    for i, (name, modules) in enumerate(loaded.layer_groups()):
+        assert name == names[i]
+        copied = modules[0].state_dict()
+        want = source if i < n else fresh
+        want_state = dict(want.layer_groups())[name][0].state_dict()
+        assert all(torch.equal(copied[k], want_state[k]) for k in copied), (name, n)
+    # buffers too: BatchNorm running statistics of copied groups come from the source
+    if n >= 1:
+        source.model.bn1.running_mean.add_(3.0)
+        torch.save(source.state_dict(), tmp_path / "backbone.pt")
+        again = tiny_resnet(checkpoint=str(tmp_path), checkpoint_groups=n)
+        assert torch.equal(again.model.bn1.running_mean, source.model.bn1.running_mean)
+
+
+def test_checkpoint_groups_errors(tmp_path):
+    torch.save(tiny_resnet().state_dict(), tmp_path / "backbone.pt")
+    with pytest.raises(ConfigError, match=r"checkpoint_groups=6 must be between 0 and .* 5 layer groups"):
+        tiny_resnet(checkpoint=str(tmp_path), checkpoint_groups=6)
+    with pytest.raises(ConfigError, match="checkpoint_groups=2 needs model.backbone.checkpoint"):
+        tiny_resnet(checkpoint_groups=2)
+    with pytest.raises(
+        ConfigError, match="missing keys"
+    ):  # a wrong architecture is refused even for n groups
+        TimmBackbone("test_resnet", checkpoint=str(tmp_path), checkpoint_groups=1)
+
+
 def _train_steps(policy: FinetunePolicy, steps: int = 3) -> tuple[dict, dict, ClassificationModule]:
     torch.manual_seed(0)
     backbone = tiny_resnet()

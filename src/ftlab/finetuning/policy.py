@@ -58,6 +58,11 @@ class FinetunePolicy:
         train_only: Sequence[str] | None = None,
         peft: Any = None,
     ):
+        if k is None:  # finetune=freeze_transferred without model.backbone.checkpoint_groups
+            raise ConfigError(
+                "finetune.k is null: finetune=freeze_transferred freezes the groups copied from the checkpoint, so "
+                "it needs model.backbone.checkpoint_groups=<n>; or give finetune.k=<n> directly."
+            )
         for key, value in (("k", k), ("start_unfrozen", start_unfrozen), ("reinit_top_k", reinit_top_k)):
             if value < 0:
                 raise ConfigError(f"finetune.{key}={value} must be >= 0 (a number of layer groups).")

@@ -46,8 +46,24 @@ def backbone_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_checkpoint(backbone: nn.Module, checkpoint: str) -> str:
-    """Load only backbone weights into ``backbone``; returns the file used. Architecture mismatch -> ConfigError."""
+def group_state_keys(backbone: nn.Module, n: int) -> set[str]:
+    """State-dict keys (parameters and buffers) of the bottom ``n`` of ``backbone.layer_groups()``."""
+    names = {id(m): name for name, m in backbone.named_modules()}
+    keys: set[str] = set()
+    for _, modules in backbone.layer_groups()[:n]:
+        for module in modules:
+            prefix = names[id(module)]
+            keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
+    return keys
+
+
+def load_backbone_checkpoint(backbone: nn.Module, checkpoint: str, groups: int | None = None) -> str:
+    """Load backbone weights into ``backbone``; returns the file used. Architecture mismatch -> ConfigError.
+
+    ``groups=n`` copies only the bottom ``n`` layer groups (``model.backbone.checkpoint_groups``), the rest keep
+    their fresh initialisation: the transfer experiment of Yosinski et al. (2014), whose AnB / AnB+ networks copy
+    the first n layers of a network trained on task A. The whole checkpoint must still fit the architecture.
+    """
     path = resolve_checkpoint(checkpoint)
     state = backbone_state_dict(path)
     expected = backbone.state_dict()
@@ -62,6 +78,31 @@ def load_backbone_checkpoint(backbone: nn.Module, checkpoint: str) -> str:
             f"shape mismatches {wrong_shape[:8]}. Use the same model (and model.backbone settings) as the run "
             "that saved it."
         )
-    backbone.load_state_dict(state, strict=True)
-    log.info("Loaded backbone weights from %s (%d tensors).", path, len(state))
+    if groups is None:
+        backbone.load_state_dict(state, strict=True)
+        log.info("Loaded backbone weights from %s (%d tensors).", path, len(state))
+        return str(path)
+    names = [name for name, _ in backbone.layer_groups()]
+    if not 0 <= groups <= len(names):
+        raise ConfigError(
+            f"model.backbone.checkpoint_groups={groups} must be between 0 and the backbone's {len(names)} layer "
+            f"groups ({', '.join(names)}), or null to load all of the checkpoint."
+        )
+    keys = group_state_keys(backbone, groups)
+    backbone.load_state_dict({k: v for k, v in state.items() if k in keys}, strict=False)
+    log.info(
+        "Loaded the bottom %d layer groups (%s; %d tensors) from %s; the other groups keep their initialisation.",
+        groups,
+        ", ".join(names[:groups]) or "none",
+        len(keys),
+        path,
+    )
     return str(path)
+
+
+def check_checkpoint_groups(checkpoint: str | None, groups: int | None) -> None:
+    if groups is not None and not checkpoint:
+        raise ConfigError(
+            f"model.backbone.checkpoint_groups={groups} needs model.backbone.checkpoint (the run whose bottom "
+            "groups are copied); set it, or set checkpoint_groups=null."
+        )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ftlab.data.image import ImagePreprocessing
-from ftlab.models.backbones.checkpoints import load_backbone_checkpoint
+from ftlab.models.backbones.checkpoints import check_checkpoint_groups, load_backbone_checkpoint
 from ftlab.utils import assets
 from ftlab.utils.errors import ConfigError, DataFileError, ModelLoadError
 
@@ -50,6 +50,7 @@ class TimmBackbone(nn.Module):
         input_size: the square input side; default: the model's pretrained config.
         in_chans: input channels (3 for pretrained weights; 1 trains grayscale natively).
         checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt``: its backbone weights are loaded.
+        checkpoint_groups: copy only the bottom n layer groups of ``checkpoint``; ``null``: all of it.
     """
 
     def __init__(
@@ -60,10 +61,12 @@ class TimmBackbone(nn.Module):
         input_size: int | None = None,
         in_chans: int = 3,
         checkpoint: str | None = None,
+        checkpoint_groups: int | None = None,
     ):
         super().__init__()
         import timm
 
+        check_checkpoint_groups(checkpoint, checkpoint_groups)
         if not timm.is_model(name):
             raise ConfigError(
                 f"model.backbone.name={name!r} is not a timm model; list them with timm.list_models('pattern*')."
@@ -95,7 +98,9 @@ class TimmBackbone(nn.Module):
             mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
         self.preprocessing = ImagePreprocessing(size, in_chans, mean, std)
         self._holders: list[nn.Module] = []
-        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint) if checkpoint else None
+        self.loaded_checkpoint = (
+            load_backbone_checkpoint(self, checkpoint, checkpoint_groups) if checkpoint else None
+        )
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """From timm's coarse ``group_matcher``: ``stem``, one group per stage/block group, the rest with the top."""
@@ -182,10 +187,18 @@ class EfficientNetLite0(TimmBackbone):
         pretrained: load the embedded weights (``False``: random init, same architecture).
         input_size: the square input side (224 as trained; 64 is enough for MNIST-sized images).
         checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt``, loaded after the ImageNet weights.
+        checkpoint_groups: copy only the bottom n layer groups of ``checkpoint``; ``null``: all of it.
     """
 
-    def __init__(self, pretrained: bool = True, input_size: int = 224, checkpoint: str | None = None):
+    def __init__(
+        self,
+        pretrained: bool = True,
+        input_size: int = 224,
+        checkpoint: str | None = None,
+        checkpoint_groups: int | None = None,
+    ):
         super().__init__("efficientnet_lite0", pretrained=False, input_size=input_size)
+        check_checkpoint_groups(checkpoint, checkpoint_groups)
         if pretrained:
             path = assets.embedded_path("efficientnet-lite0")
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -195,4 +208,6 @@ class EfficientNetLite0(TimmBackbone):
             renamed = {k: v for k, v in renamed.items() if not k.startswith("classifier.")}
             self.model.load_state_dict(renamed, strict=True)
             log.info("Loaded EfficientNet-Lite0 ImageNet weights from %s.", path)
-        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint) if checkpoint else None
+        self.loaded_checkpoint = (
+            load_backbone_checkpoint(self, checkpoint, checkpoint_groups) if checkpoint else None
+        )

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ftlab.data.image import ImagePreprocessing
-from ftlab.models.backbones.checkpoints import load_backbone_checkpoint
+from ftlab.models.backbones.checkpoints import check_checkpoint_groups, load_backbone_checkpoint
 from ftlab.utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class TorchvisionResNet(nn.Module):
             read from ``$TORCH_HOME``), or a local state-dict file.
         input_size: the square input side the data is resized to.
         checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt``: its backbone weights are loaded.
+        checkpoint_groups: copy only the bottom n layer groups of ``checkpoint`` (stem, layer1, ...); ``null``: all.
     """
 
     def __init__(
@@ -112,8 +113,10 @@ class TorchvisionResNet(nn.Module):
         weights: str | None = None,
         input_size: int = 224,
         checkpoint: str | None = None,
+        checkpoint_groups: int | None = None,
     ):
         super().__init__()
+        check_checkpoint_groups(checkpoint, checkpoint_groups)
         if arch not in RESNETS:
             raise ConfigError(f"model.backbone.arch={arch!r} is not one of {', '.join(RESNETS)}.")
         if arch == "tiny_resnet":
@@ -128,7 +131,9 @@ class TorchvisionResNet(nn.Module):
             self.out_features = self.model.fc.in_features
             self.model.fc = nn.Identity()  # the new head lives outside the backbone
         self.preprocessing = ImagePreprocessing(input_size, 3, IMAGENET_MEAN, IMAGENET_STD)
-        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint) if checkpoint else None
+        self.loaded_checkpoint = (
+            load_backbone_checkpoint(self, checkpoint, checkpoint_groups) if checkpoint else None
+        )
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """``stem`` (conv1 + bn1), then ``layer1`` ... ``layer4``, bottom to top."""
