@@ -108,3 +108,19 @@ def test_report_several_sweeps_and_errors(sweep: Path, tmp_path_factory, capsys)
     with pytest.raises(SystemExit) as exit_info:
         report.main([str(empty)])
     assert exit_info.value.code == 2 and "no job folders" in capsys.readouterr().err
+
+
+def test_categorical_sweep_gets_a_bar_plot_of_its_rows(tmp_path: Path):
+    """No swept key is numeric (strategies): one bar per row instead of a line plot."""
+    accs = {"full": (0.80, 0.82), "head_only": (0.70, 0.72), "lora": (0.78, 0.76)}
+    num = 0
+    for strategy, values in accs.items():
+        for seed, acc in enumerate(values):
+            over = [f"finetune={strategy}", f"seed={seed}"]
+            _job(tmp_path, num, over, {"test/acc": acc, "best/val/acc": acc}, {"status": "completed"})
+            num += 1
+    result = report.report([tmp_path])
+    assert [p.name for p in result["plots"]] == ["plot_settings.png"]
+    assert (tmp_path / "plot_settings.png").read_bytes()[:4] == b"\x89PNG"
+    table = result["table"].set_index("finetune")
+    assert table.loc["head_only", "test/acc mean"] == pytest.approx(0.71)

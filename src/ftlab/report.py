@@ -7,7 +7,9 @@ ignored keys (default ``seed``) and the where-to-write keys (``paths.*``, ``hydr
 removed. Per group: mean, sample standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable
 parameters and the mean wall time. Writes ``results.md``, ``results.csv``, ``results.tex`` and
 ``plot_<key>.png`` (test/<monitored name> and best/<monitor>, or ``--metrics``, against each swept numeric
-value, error bars = std) into the first sweep folder (or ``--out``) and prints the Markdown table. Failed and unfinished jobs are listed under the table, never averaged.
+value, error bars = std; ``plot_settings.png``, one bar per row, when no swept key is numeric) into the first sweep
+folder (or ``--out``) and prints the Markdown table. Failed and unfinished jobs are listed under the table, never
+averaged.
 
 A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
 """
@@ -253,7 +255,31 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
         fig.savefig(path, dpi=120)
         plt.close(fig)
         written.append(path)
+    if not written and names and len(table) > 1:  # nothing numeric to put on an axis: one bar per row
+        written.append(_bar_plot(table, metrics, names, out))
     return written
+
+
+def _bar_plot(table: pd.DataFrame, metrics: list[str], names: list[str], out: Path) -> Path:
+    """``plot_settings.png``: each metric's mean per row (the row's swept values as its label), error bars = std."""
+    import matplotlib.pyplot as plt
+
+    labels = [", ".join(f"{n}={r[n]}" for n in names if str(r[n]) != "") for _, r in table.iterrows()]
+    height = 0.9 + 0.32 * len(table)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics) + 3, height), squeeze=False)
+    for i, (ax, m) in enumerate(zip(axes[0], metrics, strict=True)):
+        ax.barh(range(len(table)), table[f"{m} mean"], xerr=table[f"{m} std"].fillna(0), capsize=3)
+        ax.set_yticks(range(len(table)), labels if i == 0 else [""] * len(table), fontsize="small")
+        ax.invert_yaxis()  # the first row on top, as in the table
+        lows = (table[f"{m} mean"] - table[f"{m} std"].fillna(0)).min()
+        highs = (table[f"{m} mean"] + table[f"{m} std"].fillna(0)).max()
+        ax.set_xlim(max(0.0, lows - 0.1 * (highs - lows + 1e-9)), highs + 0.05 * (highs - lows + 1e-9))
+        ax.set(xlabel=m)
+    fig.tight_layout()
+    path = out / "plot_settings.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def report(
