@@ -97,3 +97,41 @@ def test_falls_back_when_a_frozen_group_holds_trainable_parameters(reviews_csv, 
         True
     )  # as a PEFT adapter inside a frozen layer would be
     assert "trainable parameters" in why_not(module, datamodule, 2)
+
+
+IMAGE = [
+    "data=digits",
+    "model=tiny_resnet",
+    "model.backbone.input_size=16",
+    "data.max_train_examples=300",
+    "trainer.accelerator=cpu",
+    "trainer.devices=1",
+    "callbacks.progress_bar.kind=log",
+]
+
+
+def test_image_head_only_on_cached_features_matches_the_uncached_run(tmp_path, caplog):
+    base = [*IMAGE, f"paths.cache_dir={tmp_path}/cache", "finetune=head_only", "trainer.max_epochs=3"]
+    base.append("optimizer.lr=1e-3")  # the head at 0.1 (x100): random tiny-ResNet features learn in 3 epochs
+    with caplog.at_level(logging.INFO, logger="ftlab"):
+        cached = train(compose_cfg(base, tmp_path / "cached"))
+    assert "Feature cache: computed" in caplog.text
+    uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    for key in ("test/acc", "test/loss", "best/val/acc"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key
+    assert cached["test/acc"] > 0.2  # 10 classes: the head learned something
+
+
+def test_image_cache_key_follows_pixels_and_transform_and_augmentation_turns_it_off(tmp_path):
+    base = [*IMAGE, f"paths.cache_dir={tmp_path}/cache", "finetune=head_only"]
+    module, datamodule = _build(compose_cfg(base))
+    assert why_not(module, datamodule, 2) is None
+    key = cache_key(module, datamodule)
+    assert cache_key(*_build(compose_cfg(base))) == key
+    assert cache_key(*_build(compose_cfg([*base, "model.backbone.input_size=24"]))) != key  # transform
+    assert cache_key(*_build(compose_cfg([*base, "data.max_train_examples=200"]))) != key  # data
+    datamodule.datasets["test"].images[0, 0, 0] += 1  # one pixel
+    assert cache_key(module, datamodule) != key
+    module, datamodule = _build(compose_cfg([*base, "data.augment=basic"]))
+    assert "data.augment=basic" in why_not(module, datamodule, 2)
+    assert maybe_cache_features(module, datamodule, 2, str(tmp_path)) is datamodule

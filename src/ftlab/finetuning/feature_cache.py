@@ -7,16 +7,17 @@ mode, no grad), keeps them in memory and on disk, and gives the trainer a data m
 straight to the head. The training batches are the same examples in the same order as without the cache (the
 text data module's own sampler, buckets included), so metrics match the uncached run up to floating point.
 
-The disk key covers the backbone (class, pooling and every weight), the data (token ids, labels, split sizes)
-and the preprocessing (tokenizer/max length through the ids; the collator's padding), so a stale entry is never
-used. Entries are written atomically and the folder is trimmed to ``max_gb``, oldest first.
+The disk key covers the backbone (class, pooling and every weight), the data (token ids or pixels, labels, split
+sizes) and the preprocessing (tokenizer/max length through the ids; the collator's padding; the image transform),
+so a stale entry is never used. Entries are written atomically and the folder is trimmed to ``max_gb``, oldest first.
 
 Conditions (else a log line says why and training runs uncached): every backbone group frozen at every epoch, no
 trainable parameter inside the backbone (PEFT adapters), frozen groups fully in eval mode (``frozen_dropout`` and
-``train_bn`` off), and a text data module (tokenised once, no augmentation). Extension points: image data modules
-(cache when ``augment=none``, keyed by the pixel arrays) and a partly frozen backbone (``freeze_bottom``: cache the
-hidden states after group k and run only the groups above it, which needs a backbone API such as
-``forward_from(k, hidden, mask)``).
+``train_bn`` off), and deterministic inputs: a text data module (tokenised once), or an image data module with
+``data.augment=none`` (its key covers the pixels or the files' paths, sizes and times, the labels and the transform
+with its input size and normalisation). A partly frozen backbone (``feature_cache=prefix`` with ``freeze_bottom``)
+caches the hidden states after group k and runs only the groups above it: text backbones only (they have
+``forward_until`` / ``forward_from``; a CNN's activation maps would not fit the memory budget anyway).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -148,17 +150,40 @@ def frozen_prefix(module: Any, max_epochs: int) -> tuple[int, str | None]:
 
 def why_not(module: Any, datamodule: Any, max_epochs: int) -> str | None:
     """The reason the frozen prefix's outputs cannot be cached for this run, or None when they can."""
+    from ftlab.data.image import ImageClassificationDataModule
     from ftlab.data.text import TextClassificationDataModule
 
     _, reason = frozen_prefix(module, max_epochs)
-    if reason is None and not isinstance(datamodule, TextClassificationDataModule):
-        return "feature caching is implemented for text data modules only (images: see feature_cache.py)"
+    if reason is None and isinstance(datamodule, ImageClassificationDataModule):
+        if datamodule.augment != "none":
+            return f"data.augment={datamodule.augment} changes the frozen layers' input every epoch"
+    elif reason is None and not isinstance(datamodule, TextClassificationDataModule):
+        return f"feature caching has no key for {type(datamodule).__name__} data"
     return reason
 
 
+def _data_digest(digest: Any, dataset: Any) -> None:
+    """Feed what one split's examples are made of into ``digest``: token ids, or pixels / files and transform."""
+    if hasattr(dataset, "ids"):  # tokenised text
+        for array in (dataset.ids, dataset.offsets, dataset.type_ids, dataset.labels):
+            if array is not None:
+                digest.update(array.tobytes())
+        return
+    images = dataset.images
+    if images.dtype == object:  # paths: a changed file changes its size or modification time
+        for path in images:
+            stat = os.stat(path)
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(str(images.shape).encode())
+        digest.update(np.ascontiguousarray(images).tobytes())
+    digest.update(np.asarray(dataset.labels).tobytes())
+    digest.update(repr(dataset.transform).encode())  # input size, resize/crop, normalisation
+
+
 def cache_key(module: Any, datamodule: Any, k: int | None = None) -> str:
-    """A digest of the frozen prefix (class, pooling, its weights, ``k``), the data (ids, labels) and the
-    preprocessing (collator)."""
+    """A digest of the frozen prefix (class, pooling, its weights, ``k``), the data (ids or pixels, labels) and the
+    preprocessing (collator, image transform)."""
     digest = hashlib.sha256()
     backbone = module.backbone
     k = len([n for n in module.group_names if n != HEAD]) if k is None else k
@@ -167,15 +192,14 @@ def cache_key(module: Any, datamodule: Any, k: int | None = None) -> str:
         for part in group.modules:
             for name, tensor in part.state_dict().items():
                 digest.update(f"{group.name}.{name}".encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                digest.update(
+                    tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                )
     collate = datamodule.collate
-    digest.update(repr(sorted(vars(collate).items())).encode())
+    digest.update(repr(sorted(vars(collate).items()) if collate is not None else None).encode())
     for split in sorted(datamodule.datasets):
-        dataset = datamodule.datasets[split]
         digest.update(split.encode())
-        for array in (dataset.ids, dataset.offsets, dataset.type_ids, dataset.labels):
-            if array is not None:
-                digest.update(array.tobytes())
+        _data_digest(digest, datamodule.datasets[split])
     return digest.hexdigest()[:32]
 
 
