@@ -194,3 +194,15 @@ def test_bad_options_fail_at_construction(kwargs, match):
 def test_bad_sources_fail_with_the_key(kwargs, error, match):
     with pytest.raises(error, match=match):
         ImageClassificationDataModule(RGB, **kwargs).setup()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"val_fraction": 0.0}, "data.val_fraction=0.0 must be between 0 and 1"),
+        ({"val_fraction": 0.6, "test_fraction": 0.5}, "leaves no training data"),
+    ],
+)
+def test_held_out_fractions_are_checked_as_for_text(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        ImageClassificationDataModule(RGB, source="digits", **kwargs)

@@ -7,8 +7,10 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ftlab.data import sampling
 from ftlab.data.labels import LabelMap
 from ftlab.data.samplers import SeededShuffleSampler
+from ftlab.utils.errors import ConfigError
 
 
 class ClassificationDataModule(pl.LightningDataModule):
@@ -27,6 +29,36 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.label_map: LabelMap | None = None
         self.datasets: dict[str, Any] = {}
         self.collate: Any = None
+
+    def _set_split(
+        self,
+        val_fraction: float,
+        test_fraction: float,
+        max_train_examples: int | None,
+        examples_per_class: int | None,
+    ) -> None:
+        """Check and keep how held-out splits are cut from a source's training split (see ``_split_indices``)."""
+        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"data.{key}={value} must be between 0 and 1 (exclusive).")
+        if val_fraction + test_fraction >= 1.0:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training data."
+            )
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
+
+    def _split_indices(self, labels: Any, missing: set[str]) -> dict[str, Any]:
+        """``sampling.split_train`` with this module's fractions, subset sizes and seed."""
+        return sampling.split_train(
+            labels,
+            missing,
+            self.val_fraction,
+            self.test_fraction,
+            self.examples_per_class,
+            self.max_train_examples,
+            self.seed,
+        )
 
     @property
     def num_classes(self) -> int:

@@ -11,7 +11,6 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from ftlab.data import sampling
 from ftlab.data.base import ClassificationDataModule
 from ftlab.data.image_sources import (
     EMBEDDED_IMAGES,
@@ -161,8 +160,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
             root=root, val_root=val_root, test_root=test_root, name=name, download=download
         )
         self.keep_classes = [str(c) for c in classes] if classes is not None else None
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
+        self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
         self.augment = augment
 
     def _load(self) -> dict[str, Split]:
@@ -188,15 +186,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         images, labels = splits["train"]
         missing = {s for s in ("validation", "test") if s not in splits}
-        indices = sampling.split_train(
-            labels,
-            missing,
-            self.val_fraction,
-            self.test_fraction,
-            self.examples_per_class,
-            self.max_train_examples,
-            self.seed,
-        )
+        indices = self._split_indices(labels, missing)
         return {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
 
     def setup(self, stage: str | None = None) -> None:

@@ -15,7 +15,6 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ftlab.data import sampling
 from ftlab.data.base import ClassificationDataModule
 from ftlab.data.labels import TASKS, LabelMap
 from ftlab.data.samplers import LengthBucketSampler
@@ -215,13 +214,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             raise ConfigError(
                 f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
             )
-        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not 0.0 < value < 1.0:
-                raise ConfigError(f"data.{key}={value} must be between 0 and 1 (exclusive).")
-        if val_fraction + test_fraction >= 1.0:
-            raise ConfigError(
-                f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training data."
-            )
+        self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
         self.preprocessing = preprocessing
         self.source_args = dict(
             source=source,
@@ -239,8 +232,6 @@ class TextClassificationDataModule(ClassificationDataModule):
             "label_column": label_column,
         }
         self.keep_labels, self.task = labels, task
-        self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
         self.max_length = max_length
         self.bucketing, self.padding = bucketing, padding
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
@@ -251,15 +242,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         label = train[self.columns["label_column"]]
         stratify_on = label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
         missing = {s for s in ("validation", "test") if s not in tables}
-        indices = sampling.split_train(
-            stratify_on,
-            missing,
-            self.val_fraction,
-            self.test_fraction,
-            self.examples_per_class,
-            self.max_train_examples,
-            self.seed,
-        )
+        indices = self._split_indices(stratify_on, missing)
         return {
             **tables,
             **{split: train.iloc[index].reset_index(drop=True) for split, index in indices.items()},
