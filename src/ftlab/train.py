@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.models.backbones.checkpoints import BACKBONE_FILE
-from ftlab.models.module import ClassificationModule
 from ftlab.utils import jobs, runs
+from ftlab.utils.checkpoints import build_module
 from ftlab.utils.errors import FtlabError
 
 log = logging.getLogger("ftlab.train")
@@ -61,17 +61,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     backbone = _instantiate(cfg.model.backbone)
     datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
-    head = _instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=datamodule.num_classes)
-    module = ClassificationModule(
-        backbone,
-        head,
-        _instantiate(cfg.finetune),
-        optimizer=instantiate(cfg.optimizer),
-        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
-        num_classes=datamodule.num_classes,
-        label_names=datamodule.label_names,
-        **cfg.module,
-    )
+    module = build_module(cfg, backbone, datamodule.num_classes, datamodule.label_names, make=_instantiate)
     datamodule.label_map.save(output_dir / runs.LABELS_FILE)
     counts = module.parameter_counts()
     log.info(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,15 +89,20 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def build_module(
-    cfg: DictConfig, backbone: torch.nn.Module, num_classes: int, label_names: list[str] | None
+    cfg: DictConfig,
+    backbone: torch.nn.Module,
+    num_classes: int,
+    label_names: list[str] | None,
+    make: Callable[..., Any] = instantiate,
 ) -> ClassificationModule:
-    """Head, fine-tuning policy and :class:`ClassificationModule` around ``backbone``, exactly as ``train`` builds
-    them (the policy matters: a PEFT policy wraps the backbone, so the state dict keys follow it)."""
-    head = instantiate(cfg.model.head, in_features=backbone.out_features, num_classes=num_classes)
+    """Head, fine-tuning policy and :class:`ClassificationModule` around ``backbone``: what ``train`` runs and what
+    eval/predict/export rebuild (the policy matters: a PEFT policy wraps the backbone, so the state dict keys
+    follow it). ``make`` instantiates the user's head and policy (``train`` unwraps their errors)."""
+    head = make(cfg.model.head, in_features=backbone.out_features, num_classes=num_classes)
     return ClassificationModule(
         backbone,
         head,
-        instantiate(cfg.finetune),
+        make(cfg.finetune),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         num_classes=num_classes,
