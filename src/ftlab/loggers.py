@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from typing import Any
 
 from pytorch_lightning.loggers import CSVLogger as _LightningCSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -22,7 +23,7 @@ class CSVLogger(_LightningCSVLogger):
 
     @property
     @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
+    def experiment(self) -> Any:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)

@@ -83,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
-    has_best = trainer.checkpoint_callback is not None and bool(trainer.checkpoint_callback.best_model_path)
+    checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)
+    has_best = checkpoint is not None and bool(checkpoint.best_model_path)
     tested = trainer.test(
         module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False
     )

@@ -60,6 +60,10 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.seed,
         )
 
+    def setup(self, stage: str | None = None) -> None:
+        """Read the data and fill ``label_map`` and ``datasets``; idempotent (subclasses)."""
+        raise NotImplementedError
+
     @property
     def num_classes(self) -> int:
         self.setup()

@@ -156,7 +156,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         if augment not in AUGMENTATIONS:
             raise ConfigError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTATIONS)}.")
         self.preprocessing, self.source = preprocessing, source
-        self.source_args = dict(
+        self.source_args: dict[str, Any] = dict(
             root=root, val_root=val_root, test_root=test_root, name=name, download=download
         )
         self.keep_classes = [str(c) for c in classes] if classes is not None else None

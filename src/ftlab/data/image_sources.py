@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +122,8 @@ def _as_arrays(dataset: object) -> Split:
             images = images.transpose(0, 2, 3, 1)  # (N, C, H, W) as SVHN/STL10 keep it -> (N, H, W, C)
         ids = np.asarray(targets).astype(int)
     else:
-        pairs = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+        items: Any = dataset  # a torchvision dataset: (image, label) by index
+        pairs = [items[i] for i in range(len(items))]
         images = np.stack([np.asarray(image) for image, _ in pairs])
         ids = np.asarray([int(label) for _, label in pairs])
     names = (

@@ -148,7 +148,7 @@ def tokenize_cached(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         os.replace(tmp, path)  # atomic: concurrent jobs of a sweep may write the same entry
     return arrays
 
@@ -216,7 +216,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             )
         self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
         self.preprocessing = preprocessing
-        self.source_args = dict(
+        self.source_args: dict[str, Any] = dict(
             source=source,
             train_file=train_file,
             validation_file=validation_file,

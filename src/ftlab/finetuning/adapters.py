@@ -86,7 +86,10 @@ class PeftAdapter:
         )
         if self.method == "lora":
             return peft.LoraConfig(
-                r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=targets
+                r=self.r,
+                lora_alpha=self.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
+                lora_dropout=self.dropout,
+                target_modules=targets,
             )
         feedforward = self.feedforward_modules
         if feedforward is None and targets is not None:
@@ -112,7 +115,7 @@ def is_peft(backbone: nn.Module) -> bool:
     return isinstance(getattr(backbone, "model", None), peft.PeftModel)
 
 
-def merge_peft(module: nn.Module) -> nn.Module:
+def merge_peft(module: Any) -> Any:
     """Merge the adapters of ``module.backbone`` into its weights (for export); returns ``module``, changed in place.
 
     The merged backbone is a plain model again (same outputs up to float rounding); the module's layer groups are
@@ -120,7 +123,7 @@ def merge_peft(module: nn.Module) -> nn.Module:
     """
     from ftlab.finetuning.groups import build_groups
 
-    backbone = module.backbone
+    backbone: Any = module.backbone  # a peft-wrapped backbone: attributes are dynamic
     if not is_peft(backbone):
         raise ConfigError("merge_peft: the backbone has no peft adapters (train with finetune=lora or ia3).")
     backbone.model = backbone.model.merge_and_unload()
@@ -139,7 +142,7 @@ def reinit_modules(backbone: nn.Module, modules: list[nn.Module]) -> None:
     the same seed gives the same weights, and the global RNG is left as it was for whatever is built next.
     """
     inner = getattr(backbone, "model", backbone)
-    init_weights = getattr(inner, "_init_weights", None)
+    init_weights: Any = getattr(inner, "_init_weights", None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch.initial_seed() + 1)
         for module in modules:
@@ -150,5 +153,7 @@ def reinit_modules(backbone: nn.Module, modules: list[nn.Module]) -> None:
                         if hasattr(tensor, "_is_hf_initialized"):
                             tensor._is_hf_initialized = False
                     init_weights(sub)
-                elif hasattr(sub, "reset_parameters"):
-                    sub.reset_parameters()
+                else:
+                    reset: Any = getattr(sub, "reset_parameters", None)
+                    if reset is not None:
+                        reset()

@@ -26,7 +26,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
@@ -91,7 +91,7 @@ class HiddenStateCollator:
 class CachedFeatureDataModule(pl.LightningDataModule):
     """The wrapped text data module's splits as cached features; its training sampler (same batches) is reused."""
 
-    def __init__(self, source: Any, features: dict[str, Dataset], collate: Any = None):
+    def __init__(self, source: Any, features: dict[str, Any], collate: Any = None):
         super().__init__()
         self.source, self.features, self.collate = source, features, collate
 
@@ -216,14 +216,16 @@ def _compute(backbone: torch.nn.Module, datamodule: Any, k: int, whole: bool) ->
             if whole:
                 parts.append(backbone(batch))  # (B, H)
             else:
-                hidden = backbone.forward_until(k, batch)  # (B, T, H); keep each example's real tokens
+                hidden = cast(Any, backbone).forward_until(
+                    k, batch
+                )  # (B, T, H); keep each example's real tokens
                 parts += [h[: int(n)] for h, n in zip(hidden, batch["attention_mask"].sum(1), strict=True)]
             labels.append(batch["labels"])
         lengths = torch.tensor([0] + [len(p) for p in parts]) if not whole else None
         out[split] = (
             (torch.cat(parts), torch.cat(labels))
             if whole
-            else (torch.cat(parts), torch.cumsum(lengths, 0), torch.cat(labels))
+            else (torch.cat(parts), torch.cumsum(cast(torch.Tensor, lengths), 0), torch.cat(labels))
         )
     backbone.train(was_training)
     return out

@@ -10,6 +10,7 @@ gradient, so a frozen weight stays bit-identical) plus eval mode for the group's
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -26,9 +27,17 @@ class LayerGroup:
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
 
 
+def backbone_groups(backbone: nn.Module) -> list[tuple[str, list[nn.Module]]]:
+    """``backbone.layer_groups()``, bottom to top: every ftlab backbone defines it (typed access for callers)."""
+    layer_groups: Any = getattr(backbone, "layer_groups", None)
+    if layer_groups is None:
+        raise TypeError(f"{type(backbone).__name__} has no layer_groups(): it is not an ftlab backbone.")
+    return list(layer_groups())
+
+
 def build_groups(backbone: nn.Module, head: nn.Module) -> list[LayerGroup]:
     """The backbone's groups plus the head, each parameter in exactly one group (checked)."""
-    named = [*backbone.layer_groups(), (HEAD, [head])]
+    named = [*backbone_groups(backbone), (HEAD, [head])]
     names = {id(p): n for n, p in backbone.named_parameters(prefix="backbone")}
     names.update({id(p): n for n, p in head.named_parameters(prefix="head")})
     owner: dict[int, str] = {}

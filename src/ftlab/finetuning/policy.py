@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ftlab.finetuning.groups import HEAD
+from ftlab.finetuning.groups import HEAD, backbone_groups
 from ftlab.utils.errors import ConfigError
 
 
@@ -115,7 +115,7 @@ class FinetunePolicy:
         """
         from ftlab.finetuning.adapters import reinit_modules
 
-        groups = backbone.layer_groups()
+        groups = backbone_groups(backbone)
         self.check([name for name, _ in groups] + [HEAD])
         if self.reinit_top_k:
             top = groups[len(groups) - self.reinit_top_k :]

@@ -84,7 +84,7 @@ class ClassificationModule(pl.LightningModule):
         self.keep_grad: set[str] = set()
         self.apply_policy(epoch=0)
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix
-        self.metrics = nn.ModuleDict({f"{stage}_metrics": make_metrics(num_classes) for stage in STAGES})
+        self.metrics: Any = nn.ModuleDict({f"{stage}_metrics": make_metrics(num_classes) for stage in STAGES})
         self.regression = num_classes == 1
 
     # --- fine-tuning policy -------------------------------------------------------------------------------------
@@ -133,7 +133,8 @@ class ClassificationModule(pl.LightningModule):
         if "features" in batch:
             features = batch["features"]
         elif "hidden_states" in batch:  # the cached output of the frozen bottom groups: run the rest
-            features = self.backbone.forward_from(
+            backbone: Any = self.backbone  # a backbone that can_split() (HFTextBackbone)
+            features = backbone.forward_from(
                 int(batch["start_group"]), batch["hidden_states"], batch["attention_mask"]
             )
         else:
@@ -144,7 +145,7 @@ class ClassificationModule(pl.LightningModule):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.regression:
             return F.mse_loss(logits, labels.to(logits.dtype))
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams["label_smoothing"])
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)

@@ -49,7 +49,10 @@ def plateau(
 ) -> dict[str, Any]:
     """Reduce the LR by ``factor`` when ``monitor`` has not improved for ``patience`` epochs."""
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode=mode, factor=factor, patience=patience
+        optimizer,
+        mode=mode,  # type: ignore[arg-type]  # "min" / "max", checked by torch
+        factor=factor,
+        patience=patience,
     )
     return {"scheduler": scheduler, "interval": "epoch", "monitor": monitor}
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftlab.finetuning.groups import backbone_groups
 from ftlab.utils.errors import ConfigError, DataFileError
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def group_state_keys(backbone: nn.Module, n: int) -> set[str]:
     """State-dict keys (parameters and buffers) of the bottom ``n`` of ``backbone.layer_groups()``."""
     names = {id(m): name for name, m in backbone.named_modules()}
     keys: set[str] = set()
-    for _, modules in backbone.layer_groups()[:n]:
+    for _, modules in backbone_groups(backbone)[:n]:
         for module in modules:
             prefix = names[id(module)]
             keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
@@ -82,7 +83,7 @@ def load_backbone_checkpoint(backbone: nn.Module, checkpoint: str, groups: int |
         backbone.load_state_dict(state, strict=True)
         log.info("Loaded backbone weights from %s (%d tensors).", path, len(state))
         return str(path)
-    names = [name for name, _ in backbone.layer_groups()]
+    names = [name for name, _ in backbone_groups(backbone)]
     if not 0 <= groups <= len(names):
         raise ConfigError(
             f"model.backbone.checkpoint_groups={groups} must be between 0 and the backbone's {len(names)} layer "

@@ -20,7 +20,7 @@ POOLING = ("cls", "mean", "pooler")
 LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer")
 
 
-def _get(module: nn.Module, path: str) -> Any:
+def _get(module: Any, path: str) -> Any:
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,8 @@ class TimmBackbone(nn.Module):
         checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt``: its backbone weights are loaded.
         checkpoint_groups: copy only the bottom n layer groups of ``checkpoint``; ``null``: all of it.
     """
+
+    model: Any  # the timm model: its attributes (pretrained_cfg, group_matcher, ...) are dynamic
 
     def __init__(
         self,

@@ -48,7 +48,8 @@ class TinyResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for name in ("layer1", "layer2", "layer3", "layer4"):  # set with setattr in __init__
+            x = getattr(self, name)(x)
         return torch.flatten(self.avgpool(x), 1)
 
 
@@ -128,6 +129,7 @@ class TorchvisionResNet(nn.Module):
             self.out_features: int = self.model.out_features
         else:
             self.model = _torchvision_resnet(arch, weights)
+            assert isinstance(self.model.fc, nn.Linear)
             self.out_features = self.model.fc.in_features
             self.model.fc = nn.Identity()  # the new head lives outside the backbone
         self.preprocessing = ImagePreprocessing(input_size, 3, IMAGENET_MEAN, IMAGENET_STD)
