@@ -27,12 +27,18 @@ def _build(cfg):
     return module, datamodule
 
 
-def test_head_only_on_cached_features_matches_the_uncached_run(reviews_csv, tmp_path, caplog):
-    base = tiny_text_overrides(reviews_csv, tmp_path) + ["finetune=head_only", "trainer.max_epochs=3"]
+def _cached_and_uncached(base: list[str], tmp_path, caplog, computed: str = "Feature cache: computed"):
+    """Train with the cache (asserting it was computed) and without it, from the same overrides."""
     with caplog.at_level(logging.INFO, logger="ftlab"):
         cached = train(compose_cfg(base, tmp_path / "cached"))
-    assert "Feature cache: computed" in caplog.text
+    assert computed in caplog.text
     uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    return cached, uncached
+
+
+def test_head_only_on_cached_features_matches_the_uncached_run(reviews_csv, tmp_path, caplog):
+    base = tiny_text_overrides(reviews_csv, tmp_path) + ["finetune=head_only", "trainer.max_epochs=3"]
+    cached, uncached = _cached_and_uncached(base, tmp_path, caplog)
     for key in ("test/acc", "test/loss", "test/f1", "best/val/acc"):
         assert cached[key] == pytest.approx(uncached[key], abs=1e-5), key
     assert cached["test/loss"] != pytest.approx(0.6931, abs=1e-3)  # the head did learn something
@@ -64,10 +70,8 @@ def test_freeze_bottom_runs_only_the_top_layers_on_cached_hidden_states_with_the
         "trainer.max_epochs=2",
         "feature_cache=prefix",
     ]
-    with caplog.at_level(logging.INFO, logger="ftlab"):
-        cached = train(compose_cfg(base, tmp_path / "cached"))
-    assert "Feature cache: computed the frozen layers' outputs once (2 groups" in caplog.text
-    uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    computed = "Feature cache: computed the frozen layers' outputs once (2 groups"
+    cached, uncached = _cached_and_uncached(base, tmp_path, caplog, computed)
     for key in ("test/acc", "test/loss", "best/val/acc"):
         assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key
 
@@ -113,10 +117,7 @@ IMAGE = [
 def test_image_head_only_on_cached_features_matches_the_uncached_run(tmp_path, caplog):
     base = [*IMAGE, f"paths.cache_dir={tmp_path}/cache", "finetune=head_only", "trainer.max_epochs=3"]
     base.append("optimizer.lr=1e-3")  # the head at 0.1 (x100): random tiny-ResNet features learn in 3 epochs
-    with caplog.at_level(logging.INFO, logger="ftlab"):
-        cached = train(compose_cfg(base, tmp_path / "cached"))
-    assert "Feature cache: computed" in caplog.text
-    uncached = train(compose_cfg([*base, "feature_cache=false"], tmp_path / "uncached"))
+    cached, uncached = _cached_and_uncached(base, tmp_path, caplog)
     for key in ("test/acc", "test/loss", "best/val/acc"):
         assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key
     assert cached["test/acc"] > 0.2  # 10 classes: the head learned something

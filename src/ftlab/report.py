@@ -268,11 +268,11 @@ def _bar_plot(table: pd.DataFrame, metrics: list[str], names: list[str], out: Pa
     height = 0.9 + 0.32 * len(table)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics) + 3, height), squeeze=False)
     for i, (ax, m) in enumerate(zip(axes[0], metrics, strict=True)):
-        ax.barh(range(len(table)), table[f"{m} mean"], xerr=table[f"{m} std"].fillna(0), capsize=3)
+        mean, std = table[f"{m} mean"], table[f"{m} std"].fillna(0)
+        ax.barh(range(len(table)), mean, xerr=std, capsize=3)
         ax.set_yticks(range(len(table)), labels if i == 0 else [""] * len(table), fontsize="small")
         ax.invert_yaxis()  # the first row on top, as in the table
-        lows = (table[f"{m} mean"] - table[f"{m} std"].fillna(0)).min()
-        highs = (table[f"{m} mean"] + table[f"{m} std"].fillna(0)).max()
+        lows, highs = (mean - std).min(), (mean + std).max()
         ax.set_xlim(max(0.0, lows - 0.1 * (highs - lows + 1e-9)), highs + 0.05 * (highs - lows + 1e-9))
         ax.set(xlabel=m)
     fig.tight_layout()

@@ -60,19 +60,15 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.seed,
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        """Read the data and fill ``label_map`` and ``datasets``; idempotent (subclasses)."""
-        raise NotImplementedError
-
     @property
     def num_classes(self) -> int:
-        self.setup()
+        self.setup("fit")  # idempotent in the subclasses: the first call reads the data
         assert self.label_map is not None
         return self.label_map.num_classes
 
     @property
     def label_names(self) -> list[str] | None:
-        self.setup()
+        self.setup("fit")
         assert self.label_map is not None
         return self.label_map.names
 
@@ -83,7 +79,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         return SeededShuffleSampler(len(dataset), self.seed, self._epoch())  # type: ignore[arg-type]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
+        self.setup("fit")
         dataset = self.datasets[split]
         return DataLoader(
             dataset,

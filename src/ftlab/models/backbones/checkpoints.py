@@ -58,13 +58,23 @@ def group_state_keys(backbone: nn.Module, n: int) -> set[str]:
     return keys
 
 
-def load_backbone_checkpoint(backbone: nn.Module, checkpoint: str, groups: int | None = None) -> str:
-    """Load backbone weights into ``backbone``; returns the file used. Architecture mismatch -> ConfigError.
+def load_backbone_checkpoint(
+    backbone: nn.Module, checkpoint: str | None, groups: int | None = None
+) -> str | None:
+    """Load backbone weights into ``backbone``; returns the file used (None without a checkpoint). Architecture
+    mismatch -> ConfigError.
 
     ``groups=n`` copies only the bottom ``n`` layer groups (``model.backbone.checkpoint_groups``), the rest keep
     their fresh initialisation: the transfer experiment of Yosinski et al. (2014), whose AnB / AnB+ networks copy
     the first n layers of a network trained on task A. The whole checkpoint must still fit the architecture.
     """
+    if not checkpoint:
+        if groups is not None:
+            raise ConfigError(
+                f"model.backbone.checkpoint_groups={groups} needs model.backbone.checkpoint (the run whose bottom "
+                "groups are copied); set it, or set checkpoint_groups=null."
+            )
+        return None
     path = resolve_checkpoint(checkpoint)
     state = backbone_state_dict(path)
     expected = backbone.state_dict()
@@ -99,11 +109,3 @@ def load_backbone_checkpoint(backbone: nn.Module, checkpoint: str, groups: int |
         path,
     )
     return str(path)
-
-
-def check_checkpoint_groups(checkpoint: str | None, groups: int | None) -> None:
-    if groups is not None and not checkpoint:
-        raise ConfigError(
-            f"model.backbone.checkpoint_groups={groups} needs model.backbone.checkpoint (the run whose bottom "
-            "groups are copied); set it, or set checkpoint_groups=null."
-        )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ftlab.data.image import ImagePreprocessing
-from ftlab.models.backbones.checkpoints import check_checkpoint_groups, load_backbone_checkpoint
+from ftlab.models.backbones.checkpoints import load_backbone_checkpoint
 from ftlab.utils import assets
 from ftlab.utils.errors import ConfigError, DataFileError, ModelLoadError
 
@@ -69,7 +69,6 @@ class TimmBackbone(nn.Module):
         super().__init__()
         import timm
 
-        check_checkpoint_groups(checkpoint, checkpoint_groups)
         if not timm.is_model(name):
             raise ConfigError(
                 f"model.backbone.name={name!r} is not a timm model; list them with timm.list_models('pattern*')."
@@ -101,9 +100,7 @@ class TimmBackbone(nn.Module):
             mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
         self.preprocessing = ImagePreprocessing(size, in_chans, mean, std)
         self._holders: list[nn.Module] = []
-        self.loaded_checkpoint = (
-            load_backbone_checkpoint(self, checkpoint, checkpoint_groups) if checkpoint else None
-        )
+        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint, checkpoint_groups)
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """From timm's coarse ``group_matcher``: ``stem``, one group per stage/block group, the rest with the top."""
@@ -201,7 +198,6 @@ class EfficientNetLite0(TimmBackbone):
         checkpoint_groups: int | None = None,
     ):
         super().__init__("efficientnet_lite0", pretrained=False, input_size=input_size)
-        check_checkpoint_groups(checkpoint, checkpoint_groups)
         if pretrained:
             path = assets.embedded_path("efficientnet-lite0")
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -211,6 +207,4 @@ class EfficientNetLite0(TimmBackbone):
             renamed = {k: v for k, v in renamed.items() if not k.startswith("classifier.")}
             self.model.load_state_dict(renamed, strict=True)
             log.info("Loaded EfficientNet-Lite0 ImageNet weights from %s.", path)
-        self.loaded_checkpoint = (
-            load_backbone_checkpoint(self, checkpoint, checkpoint_groups) if checkpoint else None
-        )
+        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint, checkpoint_groups)

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ftlab.data.image import ImagePreprocessing
-from ftlab.models.backbones.checkpoints import check_checkpoint_groups, load_backbone_checkpoint
+from ftlab.models.backbones.checkpoints import load_backbone_checkpoint
 from ftlab.utils.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,6 @@ class TorchvisionResNet(nn.Module):
         checkpoint_groups: int | None = None,
     ):
         super().__init__()
-        check_checkpoint_groups(checkpoint, checkpoint_groups)
         if arch not in RESNETS:
             raise ConfigError(f"model.backbone.arch={arch!r} is not one of {', '.join(RESNETS)}.")
         if arch == "tiny_resnet":
@@ -133,9 +132,7 @@ class TorchvisionResNet(nn.Module):
             self.out_features = self.model.fc.in_features
             self.model.fc = nn.Identity()  # the new head lives outside the backbone
         self.preprocessing = ImagePreprocessing(input_size, 3, IMAGENET_MEAN, IMAGENET_STD)
-        self.loaded_checkpoint = (
-            load_backbone_checkpoint(self, checkpoint, checkpoint_groups) if checkpoint else None
-        )
+        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint, checkpoint_groups)
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """``stem`` (conv1 + bn1), then ``layer1`` ... ``layer4``, bottom to top."""
