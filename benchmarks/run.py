@@ -100,7 +100,7 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
         order = names[rep % len(names) :] + names[: rep % len(names)]
         rates = {}
         for name in order:
-            result = workers[name].call("run", case.variant(name)[0], plan.warmup, steps)
+            result = workers[name].call("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
             rates[name] = steps * case.batch_size / result["seconds"]
             print(f"  {case.name} rep {rep} {name:<10} {rates[name]:8.2f} examples/s", flush=True)
         reps.append(rates)
@@ -119,6 +119,7 @@ def summarise(case: cases.Case, reps: list[dict[str, float]], rss: dict, flops: 
     return {
         "case": case.name,
         "overrides": case.overrides,
+        "batch_size": case.batch_size,
         "examples_per_s": median,
         "repetitions": reps,
         "ratios": ratios,
@@ -136,19 +137,20 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
     lines = [
         f"Matmul peak (2048x2048 fp32, torch default threads): {peak / 1e9:.1f} GFLOP/s",
         "",
-        "| case | runner | examples/s (median) | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| case | runner | examples/s (median) | ms/step | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for res in results:
         if "skipped" in res:
-            lines.append(f"| {res['case']} | skipped: {res['skipped']} | | | | | |")
+            lines.append(f"| {res['case']} | skipped: {res['skipped']} | | | | | | |")
             continue
         for name, rate in res["examples_per_s"].items():
             ratio = res["ratios"].get(f"{res['baseline']}/{name}")
             achieved = res["achieved_flops_per_s"][name]
             flops = f"{achieved / 1e9:.1f} | {100 * achieved / peak:.1f}" if achieved else "- | -"
             lines.append(
-                f"| {res['case']} | {name} | {rate:.2f} | {'' if ratio is None else f'{ratio:.3f}'} "
+                f"| {res['case']} | {name} | {rate:.2f} | {1000 * res['batch_size'] / rate:.1f} "
+                f"| {'' if ratio is None else f'{ratio:.3f}'} "
                 f"| {res['peak_rss_mb'][name]:.0f} | {flops} |"
             )
     return "\n".join(lines)
@@ -163,10 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for the JSON and Markdown")
     parser.add_argument("--repetitions", type=int, help="override the plan's repetitions")
     parser.add_argument("--steps", type=int, help="override the plan's timed steps per repetition")
+    parser.add_argument("--warmup", type=int, help="override the plan's untimed steps before the timed ones")
     args = parser.parse_args(argv)
     plan = cases.QUICK_PLAN if args.quick else cases.FULL_PLAN
     plan = cases.Plan(
-        args.repetitions or plan.repetitions, plan.warmup, args.steps or plan.steps, plan.cache_dir
+        args.repetitions or plan.repetitions,
+        args.warmup or plan.warmup,
+        args.steps or plan.steps,
+        plan.cache_dir,
     )
     selected = cases.build(args.quick, plan.cache_dir or tempfile.mkdtemp(prefix="ftlab-bench-"))
     if args.cases:

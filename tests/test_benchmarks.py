@@ -38,4 +38,4 @@ def test_quick_benchmark_runs_three_runners_and_writes_results(tmp_path):
     assert set(result["ratios"]) == {"ftlab/plain", "ftlab/hf_trainer"}
     assert result["flops_per_example"] > 0 and all(v > 0 for v in result["peak_rss_mb"].values())
     table = (tmp_path / "quick.md").read_text()
-    assert "| minilm_rt/head_only | plain |" in table and "% of matmul peak" in table
+    assert "| minilm_rt/head_only | plain |" in table and "% of matmul peak" in table and "ms/step" in table
