@@ -57,7 +57,8 @@ def test_paper_experiment_grid_script_and_page(name):
     page = (ROOT / "docs" / f"{name}.md").read_text()
     assert f"scripts/reproduce_{name}.sh" in page
     assert "| n |" in page  # a table written by ftlab-report from the run made here, and its files beside it
-    assert (ROOT / "docs" / name / "results.csv").is_file() and (ROOT / "docs" / name / "results.tex").is_file()
+    for file in ("results.md", "results.csv", "results.tex"):
+        assert (ROOT / "docs" / name / file).is_file(), file
 
 
 def test_probe_vs_finetune_image_half_switches_model_and_data():
