@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ftlab.data import TextClassificationDataModule, TextPreprocessing
 from ftlab.data.text import tokenize_cached
@@ -202,3 +203,16 @@ def test_bad_settings(tmp_path):
         TextClassificationDataModule(PRE, source="nope").setup()
     with pytest.raises(ConfigError, match="data.test_fraction=1.5"):
         files_module(path, tmp_path, test_fraction=1.5)
+
+
+def test_batches_move_to_the_device_as_flat_tensor_dicts():
+    from ftlab.data.base import TensorDictDataModule
+
+    module = TensorDictDataModule()
+    batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.tensor([0, 1])}
+    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    assert set(moved) == set(batch) and all(torch.equal(moved[k], batch[k]) for k in batch)
+    nested = {"inputs": [torch.ones(2)], "labels": torch.tensor([1])}  # not flat: Lightning's generic walk
+    assert torch.equal(
+        module.transfer_batch_to_device(nested, torch.device("cpu"), 0)["inputs"][0], torch.ones(2)
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data import sampling
@@ -13,7 +14,22 @@ from ftlab.data.samplers import SeededShuffleSampler
 from ftlab.utils.errors import ConfigError
 
 
-class ClassificationDataModule(pl.LightningDataModule):
+class TensorDictDataModule(pl.LightningDataModule):
+    """A data module whose batches are flat dicts of tensors, moved to the device directly.
+
+    Lightning's default ``transfer_batch_to_device`` walks any collection generically (~0.5 ms of Python per step,
+    most of a step when a head trains on cached features); here it is one dict comprehension. (A data-module hook
+    rather than a LightningModule one: Lightning warns when the module overrides it and a data module is passed.)
+    """
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and all(isinstance(v, torch.Tensor) for v in batch.values()):
+            non_blocking = device.type == "cuda"
+            return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+
+class ClassificationDataModule(TensorDictDataModule):
     """Base of the data modules: subclasses fill ``label_map`` and ``datasets`` (train/validation/test) in ``setup``.
 
     Training batches come in an order that is a function of (seed, epoch) (``_train_sampler``), so a resumed run

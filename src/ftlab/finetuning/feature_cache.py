@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class HiddenStateCollator:
         }
 
 
-class CachedFeatureDataModule(pl.LightningDataModule):
+class CachedFeatureDataModule(TensorDictDataModule):
     """The wrapped text data module's splits as cached features; its training sampler (same batches) is reused."""
 
     def __init__(self, source: Any, features: dict[str, Any], collate: Any = None):
