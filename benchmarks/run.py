@@ -5,7 +5,7 @@ process tree, and each has its own peak-memory figure). Repetition ``r`` runs th
 order rotated by ``r``; the ratio ftlab/plain is taken within each repetition (the runners of one repetition saw
 the same machine load) and the median over repetitions is reported. Only one worker computes at a time.
 
-    python benchmarks/run.py            # the full suite (~16 min on 2 quiet CPU cores)
+    python benchmarks/run.py            # the full suite (15-19 min on 2 CPU cores, measured)
     python benchmarks/run.py --quick    # a smoke test on a tiny model (~20 s)
 """
 
