@@ -28,7 +28,6 @@ PAPERS = {
     "peft_table": ({"finetune"}, 9),
     "ulmfit_ablation": ({"finetune", "finetune.lr_decay", "scheduler"}, 24),
 }
-# its page says so; its run is the open part of issue #5
 REQUIRED = ["model.backbone.checkpoint=/source/run"]  # transfer_yosinski's ??? key
 
 

@@ -165,9 +165,10 @@ class ClassificationModule(pl.LightningModule):
         )
         # the batch mean repeated per example = weighted by batch size; MeanMetric's own `weight` argument is
         # ignored under nan_strategy="disable" (torchmetrics 1.9), the setting that spares a host sync per step
-        self.losses[f"{stage}_loss"].update(loss.detach().expand(len(logits)))
+        value = loss.detach()
+        self.losses[f"{stage}_loss"].update(value.expand(len(logits)))
         if stage == "train" and self._writes_step_logs():
-            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss_step", value, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def _writes_step_logs(self) -> bool:
