@@ -1,9 +1,12 @@
 """``make bench``: ftlab's ``train()`` against a plain PyTorch loop and HF ``Trainer``, same work, alternating.
 
 For every case, one worker process per runner is forked from this process (so all share the imports and one
-process tree, and each has its own peak-memory figure). Repetition ``r`` runs the runners one after another in an
-order rotated by ``r``; the ratio ftlab/plain is taken within each repetition (the runners of one repetition saw
-the same machine load) and the median over repetitions is reported. Only one worker computes at a time.
+process tree, and each has its own peak-memory figure). In each repetition all runners train at once but take
+turns step by step (``runners.Ring``: A, B, C, A, B, C, ..., the first runner rotated by the repetition), so only
+one worker computes at a time and every runner's steps see the same machine conditions. Alternating whole runs
+instead (as until 2026-11-26) left the ratios at the mercy of the shared host's drift over a run: ftlab/Trainer on
+MiniLM moved between 0.93 and 1.02 from repetition to repetition. The ratio ftlab/plain is taken within each
+repetition and the median over repetitions is reported; every timed step's start and end are in the JSON.
 
     python benchmarks/run.py            # the full suite (15-19 min on 2 CPU cores, measured)
     python benchmarks/run.py --quick    # a smoke test on a tiny model (~20 s)
@@ -37,8 +40,9 @@ import transformers  # noqa: E402, F401
 import ftlab.train  # noqa: E402, F401
 
 
-def _worker(conn: Any, overrides: list[str], log_file: Path) -> None:
+def _worker(conn: Any, overrides: list[str], log_file: Path, turns: list[Any], index: int) -> None:
     """Runs commands from the parent: ("run", runner, warmup, steps), ("flops",), ("peak",), ("stop",)."""
+    runners.RING = runners.Ring(turns, index)
     # Lightning/transformers chatter goes to the worker's log file; errors come back to the parent
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "a") as log:
@@ -65,20 +69,30 @@ def _worker(conn: Any, overrides: list[str], log_file: Path) -> None:
 class Worker:
     log_dir = Path(tempfile.gettempdir())
 
-    def __init__(self, overrides: list[str], name: str = "probe"):
-        self.conn, child = mp.get_context("fork").Pipe()
-        log_file = self.log_dir / f"{name.replace('/', '_')}.log"
-        self.process = mp.get_context("fork").Process(
-            target=_worker, args=(child, overrides, log_file), daemon=True
+    def __init__(
+        self, overrides: list[str], name: str = "probe", turns: list[Any] | None = None, index: int = 0
+    ):
+        context = mp.get_context("fork")
+        self.conn, child = context.Pipe()
+        self.log_file = self.log_dir / f"{name.replace('/', '_')}.log"
+        turns = turns if turns is not None else [context.Semaphore(1)]
+        self.process = context.Process(
+            target=_worker, args=(child, overrides, self.log_file, turns, index), daemon=True
         )
         self.process.start()
 
-    def call(self, *command: Any) -> dict[str, Any]:
+    def send(self, *command: Any) -> None:
         self.conn.send(command)
+
+    def receive(self) -> dict[str, Any]:
         status, result = self.conn.recv()
         if status != "ok":
-            raise RuntimeError(f"worker failed on {command}:\n{result}")
+            raise RuntimeError(f"worker failed (log: {self.log_file}):\n{result}")
         return result
+
+    def call(self, *command: Any) -> dict[str, Any]:
+        self.send(*command)
+        return self.receive()
 
     def stop(self) -> None:
         self.conn.send(("stop",))
@@ -92,22 +106,43 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
         probe = Worker(case.variant(case.runners[0])[1], f"{case.name}_flops")
         flops = probe.call("flops")
         probe.stop()
-    workers = {name: Worker(case.variant(name)[1], f"{case.name}_{name}") for name in case.runners}
-    steps = case.steps or plan.steps
     names = list(case.runners)
+    turns = [mp.get_context("fork").Semaphore(0) for _ in names]  # worker i hands the turn to i + 1
+    workers = {
+        name: Worker(case.variant(name)[1], f"{case.name}_{name}", turns, i) for i, name in enumerate(names)
+    }
+    steps = case.steps or plan.steps
     reps: list[dict[str, float]] = []
-    for rep in range(forced_reps or case.repetitions or plan.repetitions):
-        order = names[rep % len(names) :] + names[: rep % len(names)]
-        rates = {}
-        for name in order:
-            result = workers[name].call("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
-            rates[name] = steps * case.batch_size / result["seconds"]
-            print(f"  {case.name} rep {rep} {name:<10} {rates[name]:8.2f} examples/s", flush=True)
-        reps.append(rates)
-    rss = {name: w.call("peak")["max_rss_mb"] for name, w in workers.items()}
+    spans: list[dict[str, list]] = []
+    try:
+        for rep in range(forced_reps or case.repetitions or plan.repetitions):
+            for name in names:
+                workers[name].send("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
+            first = rep % len(names)
+            turns[first].release()  # the ring starts at a rotated runner
+            results = {name: workers[name].receive() for name in names}
+            if not turns[first].acquire(timeout=60):  # the last step handed the turn back to the first runner
+                raise RuntimeError(
+                    f"{case.name}: the ring did not end at {names[first]}: unequal step counts"
+                )
+            reps.append({name: steps * case.batch_size / r["seconds"] for name, r in results.items()})
+            spans.append(
+                {name: [[round(a, 4), round(b, 4)] for a, b in r["spans"]] for name, r in results.items()}
+            )
+            print(
+                f"  {case.name} rep {rep} (from {names[first]}) "
+                + "  ".join(f"{name} {rate:.2f}" for name, rate in reps[-1].items())
+                + " examples/s",
+                flush=True,
+            )
+        rss = {name: w.call("peak")["max_rss_mb"] for name, w in workers.items()}
+    except BaseException:  # the other workers may be waiting for a turn that will not come
+        for w in workers.values():
+            w.process.terminate()
+        raise
     for w in workers.values():
         w.stop()
-    return summarise(case, reps, rss, flops)
+    return {**summarise(case, reps, rss, flops), "step_spans": spans}
 
 
 def summarise(case: cases.Case, reps: list[dict[str, float]], rss: dict, flops: dict) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """The three ways of running the same training steps: ftlab's ``train()``, a plain PyTorch loop, HF ``Trainer``.
 
 All three build the same backbone, head and data from the same composed ftlab config (so the model, the data, the
-batch size, the sequence length, the seed and the batch order are the same), run ``warmup + steps`` optimizer steps
-and time the last ``steps`` complete iterations (data fetch, forward, backward, clipping, optimizer and scheduler
-step, and whatever the framework does per step): from the end of step ``warmup - 1`` to the end of the last step.
+batch size, the sequence length, the seed and the batch order are the same), run ``warmup + steps + tail`` optimizer steps
+and time the ``steps`` complete iterations after the warm-up (data fetch, forward, backward, clipping, optimizer and
+scheduler step, and whatever the framework does per step), taking turns step by step with the case's other runners
+(``Ring``).
 Start-up (imports, model loading, tokenisation), validation, testing and checkpoint writing are outside the window.
 """
 
@@ -28,20 +29,83 @@ def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-class StepTimer(pl.Callback):
-    """Times steps ``warmup .. warmup+steps-1`` of ftlab's Lightning loop; the result lands in ``StepTimer.last``."""
+class Ring:
+    """Turn-taking between the runners of a case, one training step at a time, and the timer of the steps.
 
-    last: dict[str, float] = {}
+    Every runner of a case runs in its own worker process at the same time; each holds the turn for exactly one
+    optimizer step (data fetch, forward, backward, clipping, optimizer and scheduler, and whatever its framework
+    does between steps), then hands it to the next worker (a ring of semaphores, created by the parent before the
+    workers fork). So the runners' steps alternate A/B/C/A/B/C..., every runner sees the same machine conditions
+    within a second of the others, and only one computes at a time. A run has ``warmup`` untimed steps (the
+    first turn also overlaps the other workers' start-up), ``steps`` timed steps and ``tail`` untimed steps (after
+    its last step a runner leaves the ring and tears down while the others finish their tail).
+    """
 
-    def __init__(self, warmup: int, steps: int):
-        self.warmup, self.steps, self.done, self.t0 = warmup, steps, 0, 0.0
+    def __init__(self, turns: list[Any], index: int, timeout: float = 900.0):
+        self.turns, self.index, self.timeout = turns, index, timeout
+        self.reset(0, 0, 0)
+
+    def reset(self, warmup: int, steps: int, tail: int) -> None:
+        self.warmup, self.steps, self.total = warmup, steps, warmup + steps + tail
+        self.done, self.t0, self.spans = 0, 0.0, []
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.total
+
+    @property
+    def seconds(self) -> float:
+        return sum(end - start for start, end in self.spans)
+
+    def start(self) -> None:
+        """Wait for this worker's turn; the step that follows is timed from here."""
+        if not self.turns[self.index].acquire(timeout=self.timeout):
+            raise RuntimeError(
+                f"benchmark ring: no turn for {self.timeout:.0f} s; another runner failed or did a different "
+                "number of steps (see its worker log)."
+            )
+        self.t0 = time.perf_counter()
+
+    def step_end(self) -> None:
+        """One step done: record it if timed, hand the turn on, and wait for the next turn unless finished."""
+        _sync()
+        end = time.perf_counter()
+        self.done += 1
+        if self.warmup < self.done <= self.warmup + self.steps:
+            self.spans.append((self.t0, end))
+        self.turns[(self.index + 1) % len(self.turns)].release()
+        if not self.finished:
+            self.start()
+
+    def result(self) -> dict[str, Any]:
+        if len(self.spans) != self.steps:
+            raise RuntimeError(
+                f"run ended after {self.done} of {self.total} steps: not enough training batches."
+            )
+        return {"seconds": self.seconds, "spans": self.spans}
+
+
+# Set in each benchmark worker (benchmarks/run.py); a single-runner ring when a runner is called directly.
+RING: Ring | None = None
+
+
+def ring() -> Ring:
+    global RING
+    if RING is None:
+        import threading
+
+        RING = Ring([threading.Semaphore(1)], 0)
+    return RING
+
+
+class RingGate(pl.Callback):
+    """ftlab's step boundaries in the ring: the turn is taken at the start of training and after every batch."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        ring().start()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        self.done += 1
-        if self.done == self.warmup:
-            self.t0 = time.perf_counter()
-        elif self.done == self.warmup + self.steps:
-            StepTimer.last = {"seconds": time.perf_counter() - self.t0}
+        ring().step_end()
 
 
 def _sync() -> None:
@@ -94,7 +158,7 @@ def _schedule(optimizer: torch.optim.Optimizer, total: int) -> Any:
     return get_scheduler("linear", optimizer, num_warmup_steps=round(0.1 * total), num_training_steps=total)
 
 
-def run_plain(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+def run_plain(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[str, Any]:
     """The reference: a hand-written loop over the same loader, AdamW, clipping, linear warmup/decay."""
     backbone, head, datamodule = build_parts(cfg)
     model = Classifier(backbone, head, frozen_groups(cfg, backbone))
@@ -105,9 +169,11 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
     )
-    scheduler = _schedule(optimizer, warmup + steps)
-    done, t0 = 0, 0.0
-    while done < warmup + steps:
+    scheduler = _schedule(optimizer, warmup + steps + tail)
+    gate = ring()
+    gate.reset(warmup, steps, tail)
+    gate.start()
+    while not gate.finished:
         for batch in datamodule.train_dataloader():
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = model(**batch)["loss"]
@@ -116,54 +182,47 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
-            done += 1
-            if done == warmup:
-                _sync()
-                t0 = time.perf_counter()
-            if done == warmup + steps:
-                _sync()
+            gate.step_end()
+            if gate.finished:
                 break
-    return {"seconds": time.perf_counter() - t0}
+    return gate.result()
 
 
-def run_ftlab(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
-    """ftlab's own ``train()`` with the case's config, stopped after ``warmup + steps`` steps."""
+def run_ftlab(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[str, Any]:
+    """ftlab's own ``train()`` with the case's config, stopped after ``warmup + steps + tail`` steps."""
     from ftlab.train import train
 
-    StepTimer.last = {}
+    ring().reset(warmup, steps, tail)
     with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
         cfg.paths.output_dir = tmp
-        cfg.trainer.max_steps = warmup + steps
+        cfg.trainer.max_steps = warmup + steps + tail
         cfg.trainer.max_epochs = -1
-        cfg.callbacks["bench_timer"] = {"_target_": "runners.StepTimer", "warmup": warmup, "steps": steps}
+        cfg.callbacks["bench_ring"] = {"_target_": "runners.RingGate"}
         train(cfg)
-    if not StepTimer.last:
-        raise RuntimeError("ftlab run ended before the timed steps: not enough training batches.")
-    return dict(StepTimer.last)
+    return ring().result()
 
 
-def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]:
+def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[str, Any]:
     """HF ``Trainer`` on the same model and the same loader (same batches in the same order)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     backbone, head, datamodule = build_parts(cfg)
     model = Classifier(backbone, head, frozen_groups(cfg, backbone))
-    timing: dict[str, float] = {}
+    gate = ring()
+    gate.reset(warmup, steps, tail)
 
-    class Timer(TrainerCallback):
+    class Gate(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            gate.start()
+
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == warmup:
-                _sync()
-                timing["t0"] = time.perf_counter()
-            elif state.global_step == warmup + steps:
-                _sync()
-                timing["seconds"] = time.perf_counter() - timing["t0"]
+            gate.step_end()
 
     class SameBatches(Trainer):
         def get_train_dataloader(self) -> Any:
             return datamodule.train_dataloader()
 
-    total = warmup + steps
+    total = warmup + steps + tail
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp,
@@ -184,8 +243,8 @@ def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int) -> dict[str, float]
             remove_unused_columns=False,
             dataloader_num_workers=cfg.data.get("num_workers", 0),
         )
-        SameBatches(model=model, args=args, callbacks=[Timer()]).train()
-    return {"seconds": timing["seconds"]}
+        SameBatches(model=model, args=args, callbacks=[Gate()]).train()
+    return gate.result()
 
 
 RUNNERS = {"ftlab": run_ftlab, "plain": run_plain, "hf_trainer": run_hf_trainer}
@@ -241,4 +300,4 @@ def work_dir() -> Path:
     return Path(tempfile.gettempdir())
 
 
-__all__ = ["RUNNERS", "StepTimer", "matmul_peak", "step_flops", "_max_rss_mb"]
+__all__ = ["RUNNERS", "Ring", "RingGate", "matmul_peak", "step_flops", "_max_rss_mb"]

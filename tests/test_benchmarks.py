@@ -1,4 +1,5 @@
-"""The benchmark suite's quick mode: all three runners do the same steps, and the record and table are written."""
+"""The benchmark suite's quick mode: all three runners do the same steps taking turns, and the record and table are
+written."""
 
 from __future__ import annotations
 
@@ -37,5 +38,14 @@ def test_quick_benchmark_runs_three_runners_and_writes_results(tmp_path):
     assert all(rate > 0 for rate in result["examples_per_s"].values())
     assert set(result["ratios"]) == {"ftlab/plain", "ftlab/hf_trainer"}
     assert result["flops_per_example"] > 0 and all(v > 0 for v in result["peak_rss_mb"].values())
+    # the runners took turns step by step: 4 timed steps each, and no two steps (of any runners) overlapped in time
+    (spans,) = result["step_spans"]
+    assert {name: len(s) for name, s in spans.items()} == {"ftlab": 4, "plain": 4, "hf_trainer": 4}
+    steps = sorted((start, end, name) for name, s in spans.items() for start, end in s)
+    assert all(end > start for start, end, _ in steps)
+    assert all(later[0] >= earlier[1] for earlier, later in zip(steps, steps[1:])), steps
+    # and strictly in turn: each runner's steps are separated by the other two runners' steps
+    order = [name for _, _, name in steps]
+    assert all(order[i] != order[i + 1] for i in range(len(order) - 1)), order
     table = (tmp_path / "quick.md").read_text()
     assert "| minilm_rt/head_only | plain |" in table and "% of matmul peak" in table and "ms/step" in table

@@ -23,6 +23,7 @@ from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.models.backbones.checkpoints import BACKBONE_FILE
 from ftlab.utils import jobs, runs
+from ftlab.utils.allocator import tune_malloc
 from ftlab.utils.checkpoints import build_module
 from ftlab.utils.errors import FtlabError
 
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is None:
         runs.check_fresh(output_dir)
 
+    tune_malloc(cfg.get("malloc_tuning", True))  # glibc keeps freed memory between steps (utils/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
     backbone = _instantiate(cfg.model.backbone)
     datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
