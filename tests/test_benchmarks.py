@@ -3,6 +3,7 @@ written."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -43,7 +44,7 @@ def test_quick_benchmark_runs_three_runners_and_writes_results(tmp_path):
     assert {name: len(s) for name, s in spans.items()} == {"ftlab": 4, "plain": 4, "hf_trainer": 4}
     steps = sorted((start, end, name) for name, s in spans.items() for start, end in s)
     assert all(end > start for start, end, _ in steps)
-    assert all(later[0] >= earlier[1] for earlier, later in zip(steps, steps[1:])), steps
+    assert all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(steps)), steps
     # and strictly in turn: each runner's steps are separated by the other two runners' steps
     order = [name for _, _, name in steps]
     assert all(order[i] != order[i + 1] for i in range(len(order) - 1)), order

@@ -20,6 +20,7 @@ from ftlab.finetuning.groups import (
     set_trainable,
 )
 from ftlab.finetuning.policy import FinetunePolicy
+from ftlab.models.clipping import clip_in_fused_step, fused_clipping_applies
 from ftlab.utils.errors import ConfigError
 
 STAGES = ("train", "val", "test")
@@ -131,6 +132,18 @@ class ClassificationModule(pl.LightningModule):
             if group.name in self.frozen and group.name in self.keep_grad:
                 for _, param in group.params:
                     param.grad = None
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # norm clipping folded into a fused optimizer's step (one pass over the gradients fewer; models/clipping.py)
+        if gradient_clip_val and fused_clipping_applies(optimizer, self._trainer, gradient_clip_algorithm):
+            clip_in_fused_step(optimizer, float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- steps --------------------------------------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
