@@ -1,7 +1,7 @@
 """``make bench``: ftlab's ``train()`` against a plain PyTorch loop and HF ``Trainer``, same work, alternating.
 
-For every case, one worker process per runner is forked from this process (so all share the imports and one
-process tree, and each has its own peak-memory figure). In each repetition all runners train at once but take
+For every repetition of a case, one fresh worker process per runner is forked from this process (so all share the
+imports and one process tree, and each has its own peak-memory figure). All runners train at once but take
 turns step by step (``runners.Ring``: A, B, C, A, B, C, ..., the first runner rotated by the repetition), so only
 one worker computes at a time and every runner's steps see the same machine conditions. Alternating whole runs
 instead (as until 2026-11-26) left the ratios at the mercy of the shared host's drift over a run: ftlab/Trainer on
@@ -108,14 +108,18 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
         probe.stop()
     names = list(case.runners)
     turns = [mp.get_context("fork").Semaphore(0) for _ in names]  # worker i hands the turn to i + 1
-    workers = {
-        name: Worker(case.variant(name)[1], f"{case.name}_{name}", turns, i) for i, name in enumerate(names)
-    }
     steps = case.steps or plan.steps
     reps: list[dict[str, float]] = []
     spans: list[dict[str, list]] = []
-    try:
-        for rep in range(forced_reps or case.repetitions or plan.repetitions):
+    rss = dict.fromkeys(names, 0.0)
+    for rep in range(forced_reps or case.repetitions or plan.repetitions):
+        # fresh workers every repetition: a process keeps its heap history and physical page placement for its
+        # whole life, which biased one runner by 2-4% for all repetitions of a case in some runs (docs/speed.md)
+        workers = {
+            name: Worker(case.variant(name)[1], f"{case.name}_{name}", turns, i)
+            for i, name in enumerate(names)
+        }
+        try:
             for name in names:
                 workers[name].send("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
             first = rep % len(names)
@@ -125,23 +129,24 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
                 raise RuntimeError(
                     f"{case.name}: the ring did not end at {names[first]}: unequal step counts"
                 )
-            reps.append({name: steps * case.batch_size / r["seconds"] for name, r in results.items()})
-            spans.append(
-                {name: [[round(a, 4), round(b, 4)] for a, b in r["spans"]] for name, r in results.items()}
-            )
-            print(
-                f"  {case.name} rep {rep} (from {names[first]}) "
-                + "  ".join(f"{name} {rate:.2f}" for name, rate in reps[-1].items())
-                + " examples/s",
-                flush=True,
-            )
-        rss = {name: w.call("peak")["max_rss_mb"] for name, w in workers.items()}
-    except BaseException:  # the other workers may be waiting for a turn that will not come
+            for name, w in workers.items():
+                rss[name] = max(rss[name], w.call("peak")["max_rss_mb"])
+        except BaseException:  # the other workers may be waiting for a turn that will not come
+            for w in workers.values():
+                w.process.terminate()
+            raise
         for w in workers.values():
-            w.process.terminate()
-        raise
-    for w in workers.values():
-        w.stop()
+            w.stop()
+        reps.append({name: steps * case.batch_size / r["seconds"] for name, r in results.items()})
+        spans.append(
+            {name: [[round(a, 4), round(b, 4)] for a, b in r["spans"]] for name, r in results.items()}
+        )
+        print(
+            f"  {case.name} rep {rep} (from {names[first]}) "
+            + "  ".join(f"{name} {rate:.2f}" for name, rate in reps[-1].items())
+            + " examples/s",
+            flush=True,
+        )
     return {**summarise(case, reps, rss, flops), "step_spans": spans}
 
 
