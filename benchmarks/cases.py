@@ -22,10 +22,11 @@ class Plan(NamedTuple):
     cache_dir: str | None = None  # tokenised data cache shared by all runners (a fresh tmp folder if None)
 
 
-# Sized for `make bench` within 20 minutes on 2 CPU cores (measured: 19 min, 15 min 20 s; one MiniLM step at batch
-# 32 and 64 tokens takes 0.33-0.43 s there): 5 repetitions x 3 runners x (2 + 12) steps per case; the cache cases 2
-# repetitions. With 3 repetitions (10 minutes) the median ftlab/plain ratio of full fine-tuning moved between 0.94 and
-# 1.03 from run to run; 5 make the median steadier.
+# Sized for `make bench` within 20 minutes on 2 CPU cores (measured 2026-11-26: 12 min 12 s with turns step by step
+# and fresh workers; 19 min and 15 min 20 s before, with the padding case validating after its steps; one MiniLM step
+# at batch 32 and 64 tokens takes 0.33-0.43 s): 5 repetitions x 3 runners x (2 + 12 + 1) steps per case; the cache
+# cases 2 repetitions. With whole runs alternating and 3 repetitions, the median ftlab/plain ratio of full
+# fine-tuning moved between 0.94 and 1.03 from run to run; 5 repetitions make the median steadier.
 FULL_PLAN = Plan(repetitions=5, warmup=2, steps=12)
 QUICK_PLAN = Plan(repetitions=2, warmup=2, steps=4)
 

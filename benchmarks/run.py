@@ -8,7 +8,7 @@ instead (as until 2026-11-26) left the ratios at the mercy of the shared host's 
 MiniLM moved between 0.93 and 1.02 from repetition to repetition. The ratio ftlab/plain is taken within each
 repetition and the median over repetitions is reported; every timed step's start and end are in the JSON.
 
-    python benchmarks/run.py            # the full suite (15-19 min on 2 CPU cores, measured)
+    python benchmarks/run.py            # the full suite (12 min 12 s on 2 CPU cores, measured 2026-11-26)
     python benchmarks/run.py --quick    # a smoke test on a tiny model (~20 s)
 """
 
