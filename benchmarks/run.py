@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
+from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,14 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
                 workers[name].send("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
             first = rep % len(names)
             turns[first].release()  # the ring starts at a rotated runner
-            results = {name: workers[name].receive() for name in names}
+            results: dict[str, dict[str, Any]] = {}
+            pending = {w.conn: name for name, w in workers.items()}
+            while (
+                pending
+            ):  # in order of arrival: a failed worker is reported at once, not after the others time out
+                for conn in wait(list(pending)):
+                    name = pending.pop(conn)
+                    results[name] = workers[name].receive()
             if not turns[first].acquire(timeout=60):  # the last step handed the turn back to the first runner
                 raise RuntimeError(
                     f"{case.name}: the ring did not end at {names[first]}: unequal step counts"

@@ -224,8 +224,11 @@ class ClassificationModule(pl.LightningModule):
     # --- optimization -------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         keywords = getattr(self.optimizer_factory, "keywords", {})
-        if "lr" not in keywords:
-            raise ConfigError("optimizer.lr is not set: the optimizer config must give a learning rate.")
+        if keywords.get("lr") is None:
+            raise ConfigError(
+                f"optimizer.lr is {'null' if 'lr' in keywords else 'not set'}: the optimizer config must give a "
+                "learning rate, e.g. optimizer.lr=2e-5."
+            )
         params = optimizer_param_groups(
             self.groups,
             keywords["lr"],
