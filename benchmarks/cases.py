@@ -22,12 +22,15 @@ class Plan(NamedTuple):
     cache_dir: str | None = None  # tokenised data cache shared by all runners (a fresh tmp folder if None)
 
 
-# Sized for `make bench` within 20 minutes on 2 CPU cores (measured 2026-11-26: 12 min 12 s with turns step by step
-# and fresh workers; 19 min and 15 min 20 s before, with the padding case validating after its steps; one MiniLM step
-# at batch 32 and 64 tokens takes 0.33-0.43 s): 5 repetitions x 3 runners x (2 + 12 + 1) steps per case; the cache
-# cases 2 repetitions. With whole runs alternating and 3 repetitions, the median ftlab/plain ratio of full
-# fine-tuning moved between 0.94 and 1.03 from run to run; 5 repetitions make the median steadier.
-FULL_PLAN = Plan(repetitions=5, warmup=2, steps=12)
+# Sized for `make bench` within 20 minutes on 2 CPU cores (measured 2026-11-26: 12 min 12 s with turns step by step,
+# fresh workers and 2 warm-up steps; 19 min and 15 min 20 s before, with the padding case validating after its
+# steps; one MiniLM step at batch 32 and 64 tokens takes 0.33-0.43 s): 5 repetitions x 3 runners x (4 + 12 + 1)
+# steps per case; the cache cases 2 repetitions. 4 warm-up steps: in fresh workers the third step still took
+# 1.5-2.5x a typical one for every runner (first-touch page faults of the heap's growth, lazy init), by different
+# amounts per runner (ftlab's tuned allocator: 520-550 ms against 630-810 for the others over 8 repetitions), a one-off
+# cost of a new process that a real run pays once, not per step. With whole runs alternating and 3 repetitions, the
+# median ftlab/plain ratio of full fine-tuning moved between 0.94 and 1.03 from run to run; 5 make it steadier.
+FULL_PLAN = Plan(repetitions=5, warmup=4, steps=12)
 QUICK_PLAN = Plan(repetitions=2, warmup=2, steps=4)
 
 
