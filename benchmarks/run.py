@@ -145,9 +145,9 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
             raise
         for w in workers.values():
             w.stop()
-        reps.append({name: steps * case.batch_size / r["seconds"] for name, r in results.items()})
+        reps.append({name: steps * case.batch_size / results[name]["seconds"] for name in names})
         spans.append(
-            {name: [[round(a, 4), round(b, 4)] for a, b in r["spans"]] for name, r in results.items()}
+            {name: [[round(a, 4), round(b, 4)] for a, b in results[name]["spans"]] for name in names}
         )
         print(
             f"  {case.name} rep {rep} (from {names[first]}) "
