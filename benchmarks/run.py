@@ -127,9 +127,8 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
             turns[first].release()  # the ring starts at a rotated runner
             results: dict[str, dict[str, Any]] = {}
             pending = {w.conn: name for name, w in workers.items()}
-            while (
-                pending
-            ):  # in order of arrival: a failed worker is reported at once, not after the others time out
+            # in order of arrival: a failed worker is reported at once, not after the others time out
+            while pending:
                 for conn in wait(list(pending)):
                     name = pending.pop(conn)
                     results[name] = workers[name].receive()

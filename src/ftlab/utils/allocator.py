@@ -13,8 +13,9 @@ page costs a page fault and is zeroed by the kernel inside whichever operator fi
 guide gets by preloading jemalloc or tcmalloc (``LD_PRELOAD``), which a library cannot do for a process that has
 already started; ``mallopt`` can. Measured with the benchmark's runners taking turns step by step (8 repetitions of
 12 MiniLM steps): 1.0% more examples/s than ``malloc_tuning=false`` (median), the mean step shorter in 7 of 8
-repetitions, at the cost of keeping freed memory mapped (peak RSS 2.10 vs 1.91 GB; docs/speed.md). It changes only when memory goes back to the kernel, never a result. Off:
-``malloc_tuning=false``; no effect where the C library is not glibc (macOS, Windows, musl).
+repetitions, at the cost of keeping freed memory mapped (peak RSS 2.10 vs 1.91 GB; docs/speed.md). It changes
+only when memory goes back to the kernel, never a result. Off: ``malloc_tuning=false``; no effect where the C
+library is not glibc (macOS, Windows, musl).
 """
 
 from __future__ import annotations
