@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import cases  # noqa: E402
 import runners  # noqa: E402  (imports torch, Lightning, transformers once, before the workers fork)
+import torch  # noqa: E402
 import transformers  # noqa: E402, F401
 
 import ftlab.train  # noqa: E402, F401
@@ -60,7 +61,7 @@ def _worker(conn: Any, overrides: list[str], log_file: Path, turns: list[Any], i
             elif command[0] == "flops":
                 result = runners.step_flops(cases.compose(overrides))
             else:
-                result = {"flops_per_s": runners.matmul_peak()}
+                result = {"flops_per_s": runners.matmul_peak(gpu=bool(command[1:] and command[1]))}
             result["max_rss_mb"] = runners._max_rss_mb()
             conn.send(("ok", result))
         except Exception:
@@ -78,7 +79,11 @@ class Worker:
         self.log_file = self.log_dir / f"{name.replace('/', '_')}.log"
         turns = turns if turns is not None else [context.Semaphore(1)]
         self.process = context.Process(
-            target=_worker, args=(child, overrides, self.log_file, turns, index), daemon=True
+            # not daemonic: a runner with loader workers (data.num_workers, the --gpu cases) starts children; on an
+            # error the parent terminates every worker itself (run_case)
+            target=_worker,
+            args=(child, overrides, self.log_file, turns, index),
+            daemon=False,
         )
         self.process.start()
 
@@ -136,8 +141,8 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
                 raise RuntimeError(
                     f"{case.name}: the ring did not end at {names[first]}: unequal step counts"
                 )
-            for name, w in workers.items():
-                rss[name] = max(rss[name], w.call("peak")["max_rss_mb"])
+            for name in names:  # every worker reply carries the process's peak RSS so far
+                rss[name] = max(rss[name], results[name]["max_rss_mb"])
         except BaseException:  # the other workers may be waiting for a turn that will not come
             for w in workers.values():
                 w.process.terminate()
@@ -180,9 +185,10 @@ def summarise(case: cases.Case, reps: list[dict[str, float]], rss: dict, flops: 
     }
 
 
-def table(results: list[dict[str, Any]], peak: float) -> str:
+def table(results: list[dict[str, Any]], peak: float, gpu: bool = False) -> str:
+    what = "8192x8192 bf16, CUDA" if gpu else "2048x2048 fp32, torch default threads"
     lines = [
-        f"Matmul peak (2048x2048 fp32, torch default threads): {peak / 1e9:.1f} GFLOP/s",
+        f"Matmul peak ({what}): {peak / 1e9:.1f} GFLOP/s",
         "",
         "| case | runner | examples/s (median) | ms/step | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -204,6 +210,15 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark; on any error every worker still alive is terminated (they are not daemonic)."""
+    try:
+        return _main(argv)
+    finally:
+        for child in mp.active_children():
+            child.terminate()
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -213,6 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, help="override the plan's repetitions")
     parser.add_argument("--steps", type=int, help="override the plan's timed steps per repetition")
     parser.add_argument("--warmup", type=int, help="override the plan's untimed steps before the timed ones")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides added to every case, e.g. model.backbone.pretrained=false (same compute, no weights)",
+    )
+    parser.add_argument(
+        "--gpu", action="store_true", help="on the CUDA device, in bf16 autocast (trainer=gpu's settings)"
+    )
     args = parser.parse_args(argv)
     plan = cases.QUICK_PLAN if args.quick else cases.FULL_PLAN
     plan = cases.Plan(
@@ -221,13 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         args.steps or plan.steps,
         plan.cache_dir,
     )
-    selected = cases.build(args.quick, plan.cache_dir or tempfile.mkdtemp(prefix="ftlab-bench-"))
+    selected = cases.build(args.quick, plan.cache_dir or tempfile.mkdtemp(prefix="ftlab-bench-"), args.gpu)
     if args.cases:
         selected = [c for c in selected if c.name in args.cases]
+    for case in selected:
+        case.overrides = [*case.overrides, *args.set]
     start = time.perf_counter()
     Worker.log_dir = args.out / "logs"
     probe = Worker([])
-    peak = probe.call("peak")["flops_per_s"]
+    peak = probe.call("peak", args.gpu)["flops_per_s"]
     probe.stop()
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s; {plan}", flush=True)
     results = []
@@ -237,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"case": case.name, "skipped": case.skip})
             continue
         results.append(run_case(case, plan, args.repetitions))
-    markdown = table(results, peak)
+    markdown = table(results, peak, args.gpu)
     record = {
         "command": " ".join(["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "plan": plan._asdict(),
@@ -245,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
+            "torch": torch.__version__,
+            # read after the last worker has forked: the parent must not initialise CUDA before that
+            "gpu": torch.cuda.get_device_name() if args.gpu else None,
         },
         "matmul_peak_flops_per_s": peak,
         "wall_s": round(time.perf_counter() - start, 1),

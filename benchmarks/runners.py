@@ -174,6 +174,7 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[s
     backbone, head, datamodule = build_parts(cfg)
     model = Classifier(backbone, head, frozen_groups(cfg, backbone))
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
+    bf16 = str(cfg.trainer.get("precision")).startswith("bf16")  # autocast, as Lightning's bf16-mixed
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     # fused, as ftlab's adamw config and HF Trainer's default (adamw_torch_fused): the same optimizer work in all
@@ -187,7 +188,8 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[s
     while not gate.finished:
         for batch in datamodule.train_dataloader():
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = model(**batch)["loss"]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -250,9 +252,10 @@ def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> d
             report_to=[],
             disable_tqdm=True,
             use_cpu=cfg.trainer.accelerator != "gpu",
+            bf16=str(cfg.trainer.get("precision")).startswith("bf16"),
             seed=cfg.seed,
             remove_unused_columns=False,
-            dataloader_num_workers=cfg.data.get("num_workers", 0),
+            dataloader_num_workers=0,  # unused: get_train_dataloader returns the shared loader
         )
         SameBatches(model=model, args=args, callbacks=[Gate()]).train()
     return gate.result()
@@ -295,14 +298,20 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Best FLOP/s of an ``n x n`` fp32 matmul on this machine with torch's default thread count."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int = 2048, repeats: int = 10, gpu: bool = False) -> float:
+    """Best FLOP/s of an ``n x n`` matmul: fp32 on the CPU with torch's default thread count; with ``gpu``, bf16
+    (the precision the GPU cases train in) at ``n = 8192`` on the CUDA device."""
+    if gpu:
+        n = 8192
+    device, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
     best = math.inf
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         a @ b
+        _sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
 

@@ -15,10 +15,11 @@ from ftlab.train import train
 from conftest import compose_cfg, tiny_text_overrides
 
 
-def _model_with_grads(scale: float) -> nn.Module:
+def _model_with_grads(scale: float, device: str) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    model, x, y = model.to(device), x.to(device), y.to(device)
     (scale * nn.functional.cross_entropy(model(x), y)).backward()
     return model
 
@@ -32,16 +33,23 @@ def _model_with_grads(scale: float) -> nn.Module:
     ],
     ids=["sgd", "adamw"],
 )
-def test_same_update_and_gradients_as_clip_then_step(make, scale: float, max_norm: float) -> None:
-    reference = _model_with_grads(scale)
-    fused = _model_with_grads(scale)  # the same weights and gradients (seeded)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_same_update_and_gradients_as_clip_then_step(
+    make, scale: float, max_norm: float, device: str
+) -> None:
+    reference = _model_with_grads(scale, device)
+    fused = _model_with_grads(scale, device)  # the same weights and gradients (seeded)
     norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
     make(reference.parameters()).step()
 
     optimizer = make(fused.parameters())
     norm_fused = clip_in_fused_step(optimizer, max_norm)
     clipped = float(norm) > max_norm
-    assert (getattr(optimizer, "grad_scale", None) is not None) == clipped
+    scale = getattr(optimizer, "grad_scale", None)
+    if device == "cpu":  # nothing clipped: no division at all
+        assert (scale is not None) == clipped
+    else:  # no host sync to find out: always a (device) scale, 1 when nothing is clipped
+        assert scale is not None and (float(scale) > 1.0) == clipped
     optimizer.step()
 
     torch.testing.assert_close(norm_fused, norm)

@@ -25,6 +25,7 @@ from ftlab.models.backbones.checkpoints import BACKBONE_FILE
 from ftlab.utils import jobs, runs
 from ftlab.utils.allocator import tune_malloc
 from ftlab.utils.checkpoints import build_module
+from ftlab.utils.devices import resolve_precision
 from ftlab.utils.errors import FtlabError
 
 log = logging.getLogger("ftlab.train")
@@ -75,14 +76,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("compile"):  # in place (Module.compile), so parameter names and checkpoints stay the same
         module.backbone.compile()
-    if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
-        max_epochs = cfg.trainer.get("max_epochs", -1)
-        prefix = cfg.feature_cache == "prefix"
-        datamodule = maybe_cache_features(module, datamodule, max_epochs, cfg.paths.cache_dir, prefix=prefix)
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # bf16 where the GPU has it, else fp16 mixed (utils/devices.py)
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+    )
+    if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
+        datamodule = maybe_cache_features(
+            module,
+            datamodule,
+            cfg.trainer.get("max_epochs", -1),
+            cfg.paths.cache_dir,
+            prefix=cfg.feature_cache == "prefix",
+            device=trainer.strategy.root_device,  # computed where training runs
+        )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)

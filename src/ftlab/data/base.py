@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ftlab.data import sampling
 from ftlab.data.labels import LabelMap
 from ftlab.data.samplers import SeededShuffleSampler
+from ftlab.utils.devices import check_loader_settings, loader_settings
 from ftlab.utils.errors import ConfigError
 
 
@@ -37,9 +38,15 @@ class ClassificationDataModule(TensorDictDataModule):
     """
 
     def __init__(
-        self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int, pin_memory: bool
+        self,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int | str,
+        seed: int,
+        pin_memory: bool | str,
     ):
         super().__init__()
+        check_loader_settings(num_workers, pin_memory)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or 2 * batch_size
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.label_map: LabelMap | None = None
@@ -102,9 +109,7 @@ class ClassificationDataModule(TensorDictDataModule):
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=self._train_sampler(dataset) if shuffle else None,
             collate_fn=self.collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=self.pin_memory,
+            **loader_settings(self.num_workers, self.pin_memory, self.trainer),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -124,6 +124,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         augment: train-time augmentation: ``none``, ``basic`` (random resized crop + flip), ``randaugment`` or
             ``trivialaugment`` (basic plus that policy).
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
+        pin_memory: page-locked batches for asynchronous host-to-GPU copies. ``num_workers`` and ``pin_memory``
+            ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
     """
 
     task = "classification"
@@ -145,10 +147,11 @@ class ImageClassificationDataModule(ClassificationDataModule):
         augment: str = "none",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         seed: int = 0,
+        pin_memory: bool | str = "auto",
     ):
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory=False)
+        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         if source not in IMAGE_SOURCES:
             raise ConfigError(
                 f"data.source={source!r} is not supported; use one of {', '.join(IMAGE_SOURCES)}."

@@ -173,7 +173,8 @@ class TextClassificationDataModule(ClassificationDataModule):
             less padding, same examples per epoch; ``false``: a plain seeded shuffle.
         padding: ``longest`` pads each batch to its longest example; ``max_length`` pads to ``max_length``
             (static shapes, e.g. for ``torch.compile`` or to measure what dynamic padding saves).
-        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies (``trainer=gpu``).
+        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies. ``num_workers`` and
+            ``pin_memory`` ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
     """
 
     def __init__(
@@ -198,12 +199,12 @@ class TextClassificationDataModule(ClassificationDataModule):
         max_length: int = 128,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         seed: int = 0,
         cache_dir: str | None = None,
         bucketing: bool = True,
         padding: str = "longest",
-        pin_memory: bool = False,
+        pin_memory: bool | str = "auto",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         if padding not in PADDING:

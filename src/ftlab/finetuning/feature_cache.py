@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
+from ftlab.utils.devices import loader_settings
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class CachedFeatureDataModule(TensorDictDataModule):
             batch_size=self.source.batch_size if train else self.source.eval_batch_size,
             sampler=sampler if train else None,
             collate_fn=self.collate,
+            **loader_settings(self.source.num_workers, self.source.pin_memory, self.trainer),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -204,30 +206,37 @@ def cache_key(module: Any, datamodule: Any, k: int | None = None) -> str:
 
 
 @torch.no_grad()
-def _compute(backbone: torch.nn.Module, datamodule: Any, k: int, whole: bool) -> dict[str, Any]:
-    """Per split: pooled features (N, H) of the whole backbone, or the hidden states after group k, flat."""
+def _compute(
+    backbone: torch.nn.Module, datamodule: Any, k: int, whole: bool, device: torch.device | None = None
+) -> dict[str, Any]:
+    """Per split: pooled features (N, H) of the whole backbone, or the hidden states after group k, flat.
+
+    Computed on ``device`` (the trainer's: a GPU run computes its cache on the GPU, in fp32) and kept on the CPU.
+    """
     was_training = backbone.training
-    backbone.eval()
+    home = next(backbone.parameters()).device
+    device = device or home
+    backbone.eval().to(device)
     out: dict[str, Any] = {}
     for split, dataset in datamodule.datasets.items():
         loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collate)
         parts, labels = [], []
         for batch in loader:
-            if whole:
-                parts.append(backbone(batch))  # (B, H)
-            else:
-                hidden = cast(Any, backbone).forward_until(
-                    k, batch
-                )  # (B, T, H); keep each example's real tokens
-                parts += [h[: int(n)] for h, n in zip(hidden, batch["attention_mask"].sum(1), strict=True)]
             labels.append(batch["labels"])
+            batch = {key: value.to(device) for key, value in batch.items()}
+            if whole:
+                parts.append(backbone(batch).cpu())  # (B, H)
+            else:
+                hidden = cast(Any, backbone).forward_until(k, batch).cpu()  # (B, T, H)
+                lengths = batch["attention_mask"].sum(1).tolist()  # keep each example's real tokens
+                parts += [h[:n] for h, n in zip(hidden, lengths, strict=True)]
         lengths = torch.tensor([0] + [len(p) for p in parts]) if not whole else None
         out[split] = (
             (torch.cat(parts), torch.cat(labels))
             if whole
             else (torch.cat(parts), torch.cumsum(cast(torch.Tensor, lengths), 0), torch.cat(labels))
         )
-    backbone.train(was_training)
+    backbone.train(was_training).to(home)
     return out
 
 
@@ -240,13 +249,21 @@ def _trim(folder: Path, max_bytes: float) -> None:
             path.unlink(missing_ok=True)
 
 
-def _load_or_compute(module: Any, datamodule: Any, k: int, whole: bool, path: Path | None, max_gb: float):
+def _load_or_compute(
+    module: Any,
+    datamodule: Any,
+    k: int,
+    whole: bool,
+    path: Path | None,
+    max_gb: float,
+    device: torch.device | None = None,
+):
     if path is not None and path.is_file():
         saved = torch.load(path, weights_only=True)
         os.utime(path)  # most recently used: trimmed last
         log.info("Feature cache: read the frozen layers' outputs from %s.", path)
         return saved
-    saved = _compute(module.backbone, datamodule, k, whole)
+    saved = _compute(module.backbone, datamodule, k, whole, device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -264,6 +281,7 @@ def maybe_cache_features(
     cache_dir: str | None,
     max_gb: float = 2.0,
     prefix: bool = False,
+    device: torch.device | None = None,
 ) -> Any:
     """``datamodule`` wrapped to serve the frozen prefix's cached outputs when allowed, else itself.
 
@@ -284,7 +302,7 @@ def maybe_cache_features(
         return datamodule
     key = cache_key(module, datamodule, k)
     path = Path(cache_dir).expanduser() / "features" / f"{key}.pt" if cache_dir else None
-    saved = _load_or_compute(module, datamodule, k, whole, path, max_gb)
+    saved = _load_or_compute(module, datamodule, k, whole, path, max_gb, device)
     if whole:
         return CachedFeatureDataModule(datamodule, {s: FeatureDataset(*v) for s, v in saved.items()})
     datasets = {s: HiddenStateDataset(*v) for s, v in saved.items()}

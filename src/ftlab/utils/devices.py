@@ -1,0 +1,76 @@
+"""Settings that depend on the device a run lands on, resolved when it is known.
+
+- ``trainer.precision``: ``trainer=gpu`` asks for ``bf16-mixed``; a CUDA GPU without bf16 (before Ampere: V100, T4)
+  gets ``16-mixed`` instead, with a warning, rather than failing or emulating bf16 slowly.
+- ``data.pin_memory`` and ``data.num_workers`` (``auto``, the default of the data configs): on a CUDA device,
+  page-locked batches (copied to the GPU asynchronously, ``non_blocking``) and a few persistent loader workers that
+  prepare the next batches while the GPU computes; on CPU, neither (the main process already uses every core for
+  the step, and pinning host memory only costs there). An explicit ``true``/``false`` or number is kept as given.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ftlab.utils.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+MAX_AUTO_WORKERS = 4  # per device: tokenised text and in-memory images need little preparation per batch
+
+
+def _bf16_supported() -> bool:
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no including_emulation
+        return torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve_precision(precision: Any, accelerator: Any) -> Any:
+    """``precision`` unchanged, except bf16 on a CUDA GPU that lacks it, which becomes ``16-mixed``."""
+    text = str(precision)
+    if not text.startswith("bf16") or str(accelerator) not in ("gpu", "cuda", "auto"):
+        return precision
+    if not torch.cuda.is_available() or _bf16_supported():
+        return precision
+    log.warning(
+        "trainer.precision=%s: this GPU (%s) has no bf16; using 16-mixed (fp16 autocast with a gradient scaler). "
+        "Set trainer.precision explicitly to silence this.",
+        text,
+        torch.cuda.get_device_name(),
+    )
+    return "16-mixed"
+
+
+def check_loader_settings(num_workers: Any, pin_memory: Any) -> None:
+    """A clear error for a value neither ``auto`` nor of the right type."""
+    if num_workers != AUTO and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+    ):
+        raise ConfigError(f"data.num_workers={num_workers!r} must be a number >= 0 or 'auto'.")
+    if pin_memory != AUTO and not isinstance(pin_memory, bool):
+        raise ConfigError(f"data.pin_memory={pin_memory!r} must be true, false or 'auto'.")
+
+
+def on_cuda(trainer: Any) -> bool:
+    """Whether the attached trainer runs on a CUDA device (False with no trainer: outside ``fit``)."""
+    if trainer is None:
+        return False
+    return trainer.strategy.root_device.type == "cuda"
+
+
+def loader_settings(num_workers: Any, pin_memory: Any, trainer: Any) -> dict[str, Any]:
+    """``DataLoader`` keyword arguments with ``auto`` resolved for ``trainer``'s device."""
+    cuda = on_cuda(trainer)
+    if num_workers == AUTO:
+        devices = max(1, getattr(trainer, "num_devices", 1) or 1)
+        workers = min(MAX_AUTO_WORKERS, max(1, (os.cpu_count() or 2) // (2 * devices))) if cuda else 0
+    else:
+        workers = int(num_workers)
+    pin = cuda if pin_memory == AUTO else bool(pin_memory)
+    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin}

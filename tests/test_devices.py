@@ -1,0 +1,126 @@
+"""Device-dependent settings (ftlab.utils.devices): bf16 only where the GPU has it; ``auto`` loader workers and
+pinned memory on a CUDA device, neither on CPU; bad values refused with the key named."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ftlab.utils import devices
+from ftlab.utils.errors import ConfigError
+
+from conftest import compose_cfg, tiny_text_overrides
+
+
+def _trainer(device: str, num_devices: int = 1) -> SimpleNamespace:
+    """What the data modules read of their trainer."""
+    return SimpleNamespace(
+        strategy=SimpleNamespace(root_device=torch.device(device)),
+        num_devices=num_devices,
+        current_epoch=0,
+        world_size=1,
+        global_rank=0,
+    )
+
+
+@pytest.fixture
+def gpu_without_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(devices, "_bf16_supported", lambda: False)
+
+
+def test_bf16_falls_back_to_fp16_mixed_on_a_gpu_without_it(gpu_without_bf16, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="ftlab"):
+        assert devices.resolve_precision("bf16-mixed", "gpu") == "16-mixed"
+    assert "Tesla T4" in caplog.text and "16-mixed" in caplog.text
+    assert devices.resolve_precision("32-true", "gpu") == "32-true"  # only bf16 is changed
+    assert (
+        devices.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    )  # a CPU run asked for it: its choice
+
+
+def test_bf16_is_kept_where_supported(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(devices, "_bf16_supported", lambda: True)
+    assert devices.resolve_precision("bf16-mixed", "gpu") == "bf16-mixed"
+
+
+def test_train_builds_the_trainer_with_the_resolved_precision(
+    gpu_without_bf16, reviews_csv, tmp_path, monkeypatch
+) -> None:
+    import ftlab.train as train_mod
+
+    built: list[object] = []
+    real = train_mod.instantiate
+
+    def spy(node, *args, **kwargs):
+        if "precision" in kwargs:
+            built.append(kwargs["precision"])
+            raise RuntimeError("stop after building the trainer")
+        return real(node, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "instantiate", spy)
+    overrides = tiny_text_overrides(reviews_csv, tmp_path) + ["trainer=gpu", "trainer.accelerator=gpu"]
+    with pytest.raises(RuntimeError, match="stop after"):
+        train_mod.train(compose_cfg(overrides, tmp_path / "run"))
+    assert built == ["16-mixed"]
+
+
+def test_auto_loader_settings_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 16)
+    assert devices.loader_settings("auto", "auto", None) == dict(
+        num_workers=0, persistent_workers=False, pin_memory=False
+    )
+    assert devices.loader_settings("auto", "auto", _trainer("cpu")) == dict(
+        num_workers=0, persistent_workers=False, pin_memory=False
+    )
+    assert devices.loader_settings("auto", "auto", _trainer("cuda")) == dict(
+        num_workers=4, persistent_workers=True, pin_memory=True
+    )
+    # 8 GPUs on 16 cores: one worker each, not 4 (32 worker processes would oversubscribe the CPU)
+    assert devices.loader_settings("auto", "auto", _trainer("cuda", 8))["num_workers"] == 1
+    # explicit values are kept as given, on any device
+    assert devices.loader_settings(2, False, _trainer("cuda")) == dict(
+        num_workers=2, persistent_workers=True, pin_memory=False
+    )
+    assert devices.loader_settings(0, True, _trainer("cpu"))["pin_memory"] is True
+
+
+@pytest.mark.parametrize("data", ["text", "image"])
+def test_data_modules_pin_and_use_workers_only_on_a_gpu(data, reviews_csv, tmp_path) -> None:
+    if data == "text":
+        overrides = tiny_text_overrides(reviews_csv, tmp_path)
+    else:
+        overrides = ["data=digits", "model=tiny_resnet", f"paths.cache_dir={tmp_path}/cache"]
+    cfg = compose_cfg(overrides)
+    assert cfg.data.num_workers == "auto" and cfg.data.pin_memory == "auto"  # the configs' default
+    backbone = instantiate(cfg.model.backbone)
+    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    cpu = datamodule.train_dataloader()
+    assert (cpu.num_workers, cpu.pin_memory) == (0, False)
+    datamodule.trainer = _trainer("cuda")
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
+        assert loader.num_workers >= 1 and loader.pin_memory and loader.persistent_workers
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.num_workers=many", "data.num_workers='many' must be a number >= 0 or 'auto'"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be a number >= 0 or 'auto'"),
+        ("data.pin_memory=yes", "data.pin_memory='yes' must be true, false or 'auto'"),
+    ],
+)
+def test_bad_loader_settings_are_refused_with_the_key(override, message, reviews_csv, tmp_path) -> None:
+    cfg = compose_cfg([*tiny_text_overrides(reviews_csv, tmp_path), override])
+    backbone = instantiate(cfg.model.backbone)
+    with pytest.raises(Exception) as err:
+        instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    assert message in str(err.value)
+    cause = err.value if isinstance(err.value, ConfigError) else err.value.__cause__
+    assert isinstance(cause, ConfigError)
