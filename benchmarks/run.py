@@ -239,7 +239,7 @@ def _main(argv: list[str] | None = None) -> int:
         "--gpu", action="store_true", help="on the CUDA device, in bf16 autocast (trainer=gpu's settings)"
     )
     args = parser.parse_args(argv)
-    plan = cases.QUICK_PLAN if args.quick else cases.FULL_PLAN
+    plan = cases.QUICK_PLAN if args.quick else cases.GPU_PLAN if args.gpu else cases.FULL_PLAN
     plan = cases.Plan(
         args.repetitions or plan.repetitions,
         args.warmup or plan.warmup,

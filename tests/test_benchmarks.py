@@ -50,3 +50,19 @@ def test_quick_benchmark_runs_three_runners_and_writes_results(tmp_path):
     assert all(order[i] != order[i + 1] for i in range(len(order) - 1)), order
     table = (tmp_path / "quick.md").read_text()
     assert "| minilm_rt/head_only | plain |" in table and "% of matmul peak" in table and "ms/step" in table
+
+
+def test_gpu_cases_compose_with_the_same_gpu_settings_for_every_runner():
+    """``--gpu`` (run on a GPU machine): every case composes, on CUDA in bf16 autocast, with loader and padding
+    settings explicit so that the plain loop and Trainer, which have no Lightning trainer to resolve ``auto``
+    against, get what ftlab gets."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cases
+
+    for case in cases.build(quick=False, cache_dir="/tmp/unused", gpu=True):
+        for runner in case.runners:
+            cfg = cases.compose(case.variant(runner)[1])
+            assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed", case.name
+            assert (cfg.data.num_workers, cfg.data.pin_memory) == (2, True), case.name
+            if cfg.data._target_.endswith("TextClassificationDataModule"):
+                assert cfg.data.pad_to_multiple_of == 8, case.name

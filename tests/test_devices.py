@@ -124,3 +124,42 @@ def test_bad_loader_settings_are_refused_with_the_key(override, message, reviews
     assert message in str(err.value)
     cause = err.value if isinstance(err.value, ConfigError) else err.value.__cause__
     assert isinstance(cause, ConfigError)
+
+
+def test_pad_multiple_rounds_widths_up_to_the_cap_and_leaves_outputs_unchanged(reviews_csv, tmp_path) -> None:
+    cfg = compose_cfg([*tiny_text_overrides(reviews_csv, tmp_path), "data.max_length=12"])
+    assert cfg.data.pad_to_multiple_of == "auto"
+    backbone = instantiate(cfg.model.backbone).eval()
+    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    datamodule.setup("fit")
+    plain = datamodule.val_dataloader()  # no trainer: CPU, no rounding
+    datamodule.trainer = _trainer("cuda")
+    rounded = datamodule.val_dataloader()
+    widths = set()
+    for a, b in zip(plain, rounded, strict=True):
+        width = b["input_ids"].shape[1]
+        widths.add(width)
+        assert width == 12 or width % 8 == 0, width  # a multiple of 8, at most max_length
+        assert width >= a["input_ids"].shape[1]
+        n = a["input_ids"].shape[1]
+        assert torch.equal(b["input_ids"][:, :n], a["input_ids"]) and not b["attention_mask"][:, n:].any()
+        with torch.no_grad():  # padding is masked: the same pooled features
+            torch.testing.assert_close(backbone(b), backbone(a), atol=1e-5, rtol=1e-5)
+    assert widths  # the tiny reviews are 5-10 tokens: rounded to 8 or capped at 12
+    assert {b["input_ids"].shape[1] % 8 for b in plain} != {
+        0
+    }  # without rounding some widths are not multiples
+
+
+def test_explicit_pad_multiple_applies_on_any_device(reviews_csv, tmp_path) -> None:
+    cfg = compose_cfg([*tiny_text_overrides(reviews_csv, tmp_path), "data.pad_to_multiple_of=4"])
+    backbone = instantiate(cfg.model.backbone)
+    datamodule = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    assert {b["input_ids"].shape[1] % 4 for b in datamodule.train_dataloader()} == {0}
+
+
+def test_bad_pad_multiple_is_refused_with_the_key(reviews_csv, tmp_path) -> None:
+    cfg = compose_cfg([*tiny_text_overrides(reviews_csv, tmp_path), "data.pad_to_multiple_of=0"])
+    backbone = instantiate(cfg.model.backbone)
+    with pytest.raises(Exception, match=r"data.pad_to_multiple_of=0 must be a number >= 1"):
+        instantiate(cfg.data, preprocessing=backbone.preprocessing)

@@ -39,8 +39,15 @@ class Probe(pl.Callback):
             fused_clipping=fused_clipping_applies(trainer.optimizers[0], trainer),
             compiled=getattr(pl_module.backbone, "_compiled_call_impl", None) is not None,
             head_dtypes=[],
+            widths=set(),
         )
         pl_module.head.register_forward_hook(lambda m, i, out: Probe.seen["head_dtypes"].append(out.dtype))
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args
+    ) -> None:
+        if "input_ids" in batch:
+            Probe.seen["widths"].add(batch["input_ids"].shape[1])
 
 
 def _gpu(csv: Path, tmp_path: Path, *extra: str) -> list[str]:
@@ -59,6 +66,7 @@ def test_trainer_gpu_trains_in_bf16_autocast_from_pinned_worker_batches(reviews_
         torch.bfloat16
     }  # the forward in bf16 autocast
     assert seen["pin_memory"] and seen["num_workers"] >= 1  # data.pin_memory / num_workers: auto
+    assert seen["widths"] and all(w % 8 == 0 for w in seen["widths"])  # pad_to_multiple_of: auto
     assert seen["fused_clipping"]  # no gradient scaler under bf16: clipping stays inside the fused AdamW step
     assert metrics["test/acc"] >= 0.8  # the tiny table is easy (chance 0.5), as on CPU
 

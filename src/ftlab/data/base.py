@@ -101,6 +101,10 @@ class ClassificationDataModule(TensorDictDataModule):
     def _train_sampler(self, dataset: Dataset) -> Sampler[int]:
         return SeededShuffleSampler(len(dataset), self.seed, self._epoch())  # type: ignore[arg-type]
 
+    def _collate(self) -> Any:
+        """The collator the loaders use (subclasses may adapt it to the attached trainer's device)."""
+        return self.collate
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup("fit")
         dataset = self.datasets[split]
@@ -108,7 +112,7 @@ class ClassificationDataModule(TensorDictDataModule):
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
             sampler=self._train_sampler(dataset) if shuffle else None,
-            collate_fn=self.collate,
+            collate_fn=self._collate(),
             **loader_settings(self.num_workers, self.pin_memory, self.trainer),
         )
 

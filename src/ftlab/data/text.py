@@ -19,6 +19,7 @@ from ftlab.data.base import ClassificationDataModule
 from ftlab.data.labels import TASKS, LabelMap
 from ftlab.data.samplers import LengthBucketSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
+from ftlab.utils.devices import pad_multiple
 from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -74,11 +75,14 @@ class PadCollator:
     example by example in Python, which costs more than a forward pass of a small model on these CPUs.
     """
 
-    def __init__(self, pad_id: int, width: int | None = None):
+    def __init__(self, pad_id: int, width: int | None = None, multiple: int = 1, cap: int | None = None):
         self.pad_id, self.width = pad_id, width  # width: pad every batch to it (static shapes), else longest
+        self.multiple, self.cap = multiple, cap  # longest rounded up to a multiple, at most cap
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = self.width or max(len(item["input_ids"]) for item in items)
+        if self.multiple > 1 and not self.width:
+            width = min(-(-width // self.multiple) * self.multiple, self.cap or width)
         ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)
         for row, item in enumerate(items):
@@ -175,6 +179,8 @@ class TextClassificationDataModule(ClassificationDataModule):
             (static shapes, e.g. for ``torch.compile`` or to measure what dynamic padding saves).
         pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies. ``num_workers`` and
             ``pin_memory`` ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
+        pad_to_multiple_of: round each dynamically padded batch's width up to a multiple of this (at most
+            ``max_length``); ``auto``: 8 on a CUDA device (few distinct shapes, tensor-core friendly), 1 on CPU.
     """
 
     def __init__(
@@ -205,10 +211,19 @@ class TextClassificationDataModule(ClassificationDataModule):
         bucketing: bool = True,
         padding: str = "longest",
         pin_memory: bool | str = "auto",
+        pad_to_multiple_of: int | str = "auto",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
+        if pad_to_multiple_of != "auto" and (
+            isinstance(pad_to_multiple_of, bool)
+            or not isinstance(pad_to_multiple_of, int)
+            or pad_to_multiple_of < 1
+        ):
+            raise ConfigError(
+                f"data.pad_to_multiple_of={pad_to_multiple_of!r} must be a number >= 1 (1: no rounding) or 'auto'."
+            )
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r} is not supported; use one of {', '.join(TASKS)}.")
         if max_length > preprocessing.max_length:
@@ -235,6 +250,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.keep_labels, self.task = labels, task
         self.max_length = max_length
         self.bucketing, self.padding = bucketing, padding
+        self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
 
     def _split(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -283,7 +299,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.label_map = LabelMap.from_train(tables["train"][label].tolist(), self.task, self.keep_labels)
         tokenizer = load_tokenizer(self.preprocessing.tokenizer)
         width = self.max_length if self.padding == "max_length" else None
-        self.collate = PadCollator(tokenizer.pad_token_id or 0, width)
+        self.collate = PadCollator(tokenizer.pad_token_id or 0, width, cap=self.max_length)
         for split in SPLITS:
             frame = tables[split]
             labels = self.label_map.encode(frame[label].tolist(), split, f"data.label_column={label!r}")
@@ -296,6 +312,13 @@ class TextClassificationDataModule(ClassificationDataModule):
         log.info(
             "Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes
         )
+
+    def _collate(self) -> PadCollator:
+        """``self.collate`` with ``pad_to_multiple_of`` resolved for the attached trainer's device."""
+        multiple = pad_multiple(self.pad_to_multiple_of, self.trainer)
+        if multiple == self.collate.multiple:
+            return self.collate
+        return PadCollator(self.collate.pad_id, self.collate.width, multiple, self.collate.cap)
 
     def _train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
         if not self.bucketing:

@@ -6,6 +6,12 @@
   page-locked batches (copied to the GPU asynchronously, ``non_blocking``) and a few persistent loader workers that
   prepare the next batches while the GPU computes; on CPU, neither (the main process already uses every core for
   the step, and pinning host memory only costs there). An explicit ``true``/``false`` or number is kept as given.
+- ``data.pad_to_multiple_of`` (text, ``auto``): batches padded to a multiple of 8 tokens on a CUDA device, not on CPU.
+  On a GPU every new batch shape costs kernel selection the first time it is seen: measured on an H200 (MiniLM,
+  bf16, batch 32, 40 length-bucketed batches of Rotten Tomatoes at max length 64), 31 distinct widths took a mean
+  221 ms a step on first sight against 26 ms once seen; padded to a multiple of 8 they are 7 widths and the first
+  pass took 41 ms a step (24 ms once seen). Multiples of 8 are also the shapes tensor cores want. On CPU there is
+  no such first-shape cost to amortise and every padded token is computed, so it stays off.
 """
 
 from __future__ import annotations
@@ -45,6 +51,16 @@ def resolve_precision(precision: Any, accelerator: Any) -> Any:
         torch.cuda.get_device_name(),
     )
     return "16-mixed"
+
+
+def pad_multiple(setting: Any, trainer: Any) -> int:
+    """``data.pad_to_multiple_of`` for ``trainer``'s device: ``auto`` is 8 on CUDA and 1 (no rounding) elsewhere."""
+    if setting == AUTO:
+        return GPU_PAD_MULTIPLE if on_cuda(trainer) else 1
+    return int(setting or 1)
+
+
+GPU_PAD_MULTIPLE = 8
 
 
 def check_loader_settings(num_workers: Any, pin_memory: Any) -> None:
