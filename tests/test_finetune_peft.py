@@ -42,10 +42,6 @@ def test_peft_trainable_counts_equal_peft_report_plus_head(family, method):
     assert names and all(marker in n for n in names)
     if family == "bert" and method == "lora":  # peft's default targets for BERT: query and value
         assert {n.split(".")[-4] for n in names} == {"query", "value"}
-    # the optimizer holds exactly the trainable parameters: the frozen base weights never get a gradient
-    optimizer = module.configure_optimizers()
-    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert in_optimizer == {id(p) for p in module.parameters() if p.requires_grad}
 
 
 def test_peft_on_a_backbone_without_model_attribute_fails_clearly():

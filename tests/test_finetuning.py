@@ -105,11 +105,12 @@ def test_exactly_the_trainable_groups_change(reviews_csv, tmp_path, finetune, ex
 
 
 def test_optimizer_groups_are_named_fixed_and_skip_decay_on_bias_and_norm(reviews_csv, tmp_path):
-    # gradual unfreezing: every group is in the optimizer from the first step, frozen ones too (they unfreeze later)
-    module, dm = build_text(reviews_csv, tmp_path, "gradual_unfreeze", "optimizer.weight_decay=0.05")
+    module, dm = build_text(reviews_csv, tmp_path, "head_only", "optimizer.weight_decay=0.05")
     trainer = fit(module, dm)
     groups = trainer.optimizers[0].param_groups
-    assert [g["name"] for g in groups] == [n + s for n in GROUPS for s in ("", ".no_decay")]
+    assert [g["name"] for g in groups] == [
+        n + s for n in GROUPS for s in ("", ".no_decay")
+    ]  # frozen groups too
     by_id = {id(p): g for g in groups for p in g["params"]}
     for name, param in module.named_parameters():
         expected = 0.0 if name.endswith("bias") or "LayerNorm" in name else 0.05

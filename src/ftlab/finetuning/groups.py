@@ -3,7 +3,7 @@
 A model is the backbone's ``layer_groups()`` (bottom to top) followed by the ``head`` group. Each group becomes
 named optimizer parameter groups from the first step (``<name>`` with weight decay, ``<name>.no_decay`` for biases
 and norm weights), so LR schedulers, ``LearningRateMonitor`` and checkpoints see one fixed set of groups whatever a
-strategy freezes or unfreezes later; groups frozen for the whole run and parameters that never train are left out. Freezing is ``requires_grad=False`` (AdamW and SGD skip a parameter without a
+strategy freezes or unfreezes later. Freezing is ``requires_grad=False`` (AdamW and SGD skip a parameter without a
 gradient, so a frozen weight stays bit-identical) plus eval mode for the group's modules.
 """
 
@@ -73,29 +73,15 @@ def _no_decay_ids(group: LayerGroup) -> set[int]:
 
 
 def optimizer_param_groups(
-    groups: list[LayerGroup],
-    lr: float,
-    weight_decay: float,
-    lr_scales: dict[str, float],
-    never_trained: set[str] | None = None,
-    fixed: set[str] | None = None,
+    groups: list[LayerGroup], lr: float, weight_decay: float, lr_scales: dict[str, float]
 ) -> list[dict]:
-    """Named parameter groups: ``<group>`` (decayed) and ``<group>.no_decay`` (biases and norms), empty ones left out.
-
-    Groups in ``never_trained`` (frozen in every epoch of the run) and parameters named in ``fixed`` (PEFT base
-    weights, BitFit) are left out: they never get a gradient, so the optimizer would only walk over them every step
-    (``zero_grad``, ``_init_group``, a fused call per group: ~1 ms a step for EfficientNet-Lite0's 147 frozen tensors
-    in 16 groups on these CPUs, more per launch on a GPU). The set of groups is still fixed for the whole run.
-    """
-    never_trained, fixed = never_trained or set(), fixed or set()
+    """Named parameter groups: ``<group>`` (decayed) and ``<group>.no_decay`` (biases and norms), empty ones left out."""
     param_groups = []
     for group in groups:
-        if group.name in never_trained:
-            continue
         no_decay = _no_decay_ids(group)
         group_lr = lr * lr_scales.get(group.name, 1.0)
-        decayed = [p for name, p in group.params if id(p) not in no_decay and name not in fixed]
-        plain = [p for name, p in group.params if id(p) in no_decay and name not in fixed]
+        decayed = [p for _, p in group.params if id(p) not in no_decay]
+        plain = [p for _, p in group.params if id(p) in no_decay]
         if decayed:
             param_groups.append(
                 {"name": group.name, "params": decayed, "lr": group_lr, "weight_decay": weight_decay}

@@ -234,9 +234,6 @@ class ClassificationModule(pl.LightningModule):
             keywords["lr"],
             keywords.get("weight_decay", 0.0),
             self.policy.lr_scales(self.group_names),
-            # never get a gradient: not walked over every step (DDP's keep_grad groups do get one, and stay)
-            never_trained=self.policy.always_frozen(self.group_names) - self.keep_grad,
-            fixed=self.fixed,
         )
         optimizer = self.optimizer_factory(params)
         if self.scheduler_factory is None:
