@@ -163,3 +163,33 @@ def test_bad_pad_multiple_is_refused_with_the_key(reviews_csv, tmp_path) -> None
     backbone = instantiate(cfg.model.backbone)
     with pytest.raises(Exception, match=r"data.pad_to_multiple_of=0 must be a number >= 1"):
         instantiate(cfg.data, preprocessing=backbone.preprocessing)
+
+
+def test_cached_hidden_states_are_padded_like_the_text_batches(reviews_csv, tmp_path) -> None:
+    """``feature_cache=prefix`` batches (cached hidden states) get the text module's width rounding on a GPU."""
+    from ftlab.finetuning.feature_cache import (
+        CachedFeatureDataModule,
+        HiddenStateCollator,
+        HiddenStateDataset,
+    )
+
+    cfg = compose_cfg([*tiny_text_overrides(reviews_csv, tmp_path), "data.max_length=12"])
+    backbone = instantiate(cfg.model.backbone)
+    source = instantiate(cfg.data, preprocessing=backbone.preprocessing)
+    source.setup("fit")
+    lengths = [5, 7, 11, 3]  # one example's hidden states per length, width 4
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    features = {
+        split: HiddenStateDataset(torch.randn(sum(lengths), 4), offsets, torch.tensor([0, 1, 0, 1]))
+        for split in ("train", "validation", "test")
+    }
+    cached = CachedFeatureDataModule(source, features, HiddenStateCollator(1))
+    (cpu,) = list(cached.val_dataloader())
+    assert cpu["hidden_states"].shape[1] == 11  # the longest, as computed
+    cached.trainer = _trainer("cuda")
+    (gpu,) = list(cached.val_dataloader())
+    assert gpu["hidden_states"].shape[1] == 12  # rounded up to 16, capped at max_length
+    assert (
+        torch.equal(gpu["hidden_states"][:, :11], cpu["hidden_states"])
+        and not gpu["attention_mask"][:, 11:].any()
+    )

@@ -101,8 +101,8 @@ class ClassificationDataModule(TensorDictDataModule):
     def _train_sampler(self, dataset: Dataset) -> Sampler[int]:
         return SeededShuffleSampler(len(dataset), self.seed, self._epoch())  # type: ignore[arg-type]
 
-    def _collate(self) -> Any:
-        """The collator the loaders use (subclasses may adapt it to the attached trainer's device)."""
+    def _collate(self, cuda: bool | None = None) -> Any:
+        """The collator the loaders use (subclasses may adapt it to a CUDA device or not; default: the trainer's)."""
         return self.collate
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

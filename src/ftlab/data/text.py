@@ -19,7 +19,7 @@ from ftlab.data.base import ClassificationDataModule
 from ftlab.data.labels import TASKS, LabelMap
 from ftlab.data.samplers import LengthBucketSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
-from ftlab.utils.devices import pad_multiple
+from ftlab.utils.devices import on_cuda, pad_multiple
 from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -313,9 +313,10 @@ class TextClassificationDataModule(ClassificationDataModule):
             "Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes
         )
 
-    def _collate(self) -> PadCollator:
-        """``self.collate`` with ``pad_to_multiple_of`` resolved for the attached trainer's device."""
-        multiple = pad_multiple(self.pad_to_multiple_of, self.trainer)
+    def _collate(self, cuda: bool | None = None) -> PadCollator:
+        """``self.collate`` with ``pad_to_multiple_of`` resolved for a CUDA device or not (default: the attached
+        trainer's device)."""
+        multiple = pad_multiple(self.pad_to_multiple_of, on_cuda(self.trainer) if cuda is None else cuda)
         if multiple == self.collate.multiple:
             return self.collate
         return PadCollator(self.collate.pad_id, self.collate.width, multiple, self.collate.cap)

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
-from ftlab.utils.devices import loader_settings
+from ftlab.utils.devices import loader_settings, on_cuda, pad_multiple
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,17 @@ class HiddenStateDataset(Dataset):
 class HiddenStateCollator:
     """Pads cached hidden states (T_i, H) to the batch's longest; ``start_group`` tells the module where to go on."""
 
-    def __init__(self, start_group: int):
+    def __init__(self, start_group: int, multiple: int = 1, cap: int | None = None):
         self.start_group = start_group
+        self.multiple, self.cap = (
+            multiple,
+            cap,
+        )  # the longest rounded up to a multiple, at most cap (GPU shapes)
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(len(item["hidden_states"]) for item in items)
+        if self.multiple > 1:
+            width = min(-(-width // self.multiple) * self.multiple, self.cap or width)
         size = items[0]["hidden_states"].shape[-1]
         hidden = torch.zeros(len(items), width, size)
         mask = torch.zeros(len(items), width, dtype=torch.long)
@@ -101,11 +107,17 @@ class CachedFeatureDataModule(TensorDictDataModule):
         if train:
             self.source.trainer = self.trainer  # the sampler reads the epoch and DDP rank from it
             sampler = self.source._train_sampler(self.source.datasets["train"])
+        collate = self.collate
+        if isinstance(collate, HiddenStateCollator):  # data.pad_to_multiple_of, as the text module's batches
+            multiple = pad_multiple(getattr(self.source, "pad_to_multiple_of", 1), on_cuda(self.trainer))
+            collate = HiddenStateCollator(
+                collate.start_group, multiple, getattr(self.source, "max_length", None)
+            )
         return DataLoader(
             dataset,
             batch_size=self.source.batch_size if train else self.source.eval_batch_size,
             sampler=sampler if train else None,
-            collate_fn=self.collate,
+            collate_fn=collate,
             **loader_settings(self.source.num_workers, self.source.pin_memory, self.trainer),
         )
 
@@ -218,8 +230,10 @@ def _compute(
     device = device or home
     backbone.eval().to(device)
     out: dict[str, Any] = {}
+    # on a GPU, text widths rounded up as in training (few shapes; padding is masked, and trimmed below)
+    collate = datamodule._collate(cuda=device.type == "cuda")
     for split, dataset in datamodule.datasets.items():
-        loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, collate_fn=datamodule.collate)
+        loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, collate_fn=collate)
         parts, labels = [], []
         for batch in loader:
             labels.append(batch["labels"])

@@ -53,10 +53,10 @@ def resolve_precision(precision: Any, accelerator: Any) -> Any:
     return "16-mixed"
 
 
-def pad_multiple(setting: Any, trainer: Any) -> int:
-    """``data.pad_to_multiple_of`` for ``trainer``'s device: ``auto`` is 8 on CUDA and 1 (no rounding) elsewhere."""
+def pad_multiple(setting: Any, cuda: bool) -> int:
+    """``data.pad_to_multiple_of`` for a CUDA device or not: ``auto`` is 8 on CUDA and 1 (no rounding) elsewhere."""
     if setting == AUTO:
-        return GPU_PAD_MULTIPLE if on_cuda(trainer) else 1
+        return GPU_PAD_MULTIPLE if cuda else 1
     return int(setting or 1)
 
 
