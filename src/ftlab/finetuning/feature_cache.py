@@ -71,10 +71,8 @@ class HiddenStateCollator:
 
     def __init__(self, start_group: int, multiple: int = 1, cap: int | None = None):
         self.start_group = start_group
-        self.multiple, self.cap = (
-            multiple,
-            cap,
-        )  # the longest rounded up to a multiple, at most cap (GPU shapes)
+        # the longest rounded up to a multiple, at most cap (data.pad_to_multiple_of on a GPU)
+        self.multiple, self.cap = multiple, cap
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         width = max(len(item["hidden_states"]) for item in items)
