@@ -8,7 +8,7 @@ instead (as until 2026-11-26) left the ratios at the mercy of the shared host's 
 MiniLM moved between 0.93 and 1.02 from repetition to repetition. The ratio ftlab/plain is taken within each
 repetition and the median over repetitions is reported; every timed step's start and end are in the JSON.
 
-    python benchmarks/run.py            # the full suite (12 min 12 s on 2 CPU cores, measured 2026-11-26)
+    python benchmarks/run.py            # the full suite (11 min 23 s on 2 CPU cores, measured 2026-11-26)
     python benchmarks/run.py --quick    # a smoke test on a tiny model (~20 s)
 """
 
@@ -80,7 +80,7 @@ class Worker:
         turns = turns if turns is not None else [context.Semaphore(1)]
         self.process = context.Process(
             # not daemonic: a runner with loader workers (data.num_workers, the --gpu cases) starts children; on an
-            # error the parent terminates every worker itself (run_case)
+            # error the parent terminates every worker itself (main)
             target=_worker,
             args=(child, overrides, self.log_file, turns, index),
             daemon=False,
@@ -125,28 +125,22 @@ def run_case(case: cases.Case, plan: cases.Plan, forced_reps: int | None = None)
             name: Worker(case.variant(name)[1], f"{case.name}_{name}", turns, i)
             for i, name in enumerate(names)
         }
-        try:
-            for name in names:
-                workers[name].send("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
-            first = rep % len(names)
-            turns[first].release()  # the ring starts at a rotated runner
-            results: dict[str, dict[str, Any]] = {}
-            pending = {w.conn: name for name, w in workers.items()}
-            # in order of arrival: a failed worker is reported at once, not after the others time out
-            while pending:
-                for conn in wait(list(pending)):
-                    name = pending.pop(conn)
-                    results[name] = workers[name].receive()
-            if not turns[first].acquire(timeout=60):  # the last step handed the turn back to the first runner
-                raise RuntimeError(
-                    f"{case.name}: the ring did not end at {names[first]}: unequal step counts"
-                )
-            for name in names:  # every worker reply carries the process's peak RSS so far
-                rss[name] = max(rss[name], results[name]["max_rss_mb"])
-        except BaseException:  # the other workers may be waiting for a turn that will not come
-            for w in workers.values():
-                w.process.terminate()
-            raise
+        # on an error, main() terminates the other workers (they may be waiting for a turn that will not come)
+        for name in names:
+            workers[name].send("run", case.variant(name)[0], case.warmup or plan.warmup, steps)
+        first = rep % len(names)
+        turns[first].release()  # the ring starts at a rotated runner
+        results: dict[str, dict[str, Any]] = {}
+        pending = {w.conn: name for name, w in workers.items()}
+        # in order of arrival: a failed worker is reported at once, not after the others time out
+        while pending:
+            for conn in wait(list(pending)):
+                name = pending.pop(conn)
+                results[name] = workers[name].receive()
+        if not turns[first].acquire(timeout=60):  # the last step handed the turn back to the first runner
+            raise RuntimeError(f"{case.name}: the ring did not end at {names[first]}: unequal step counts")
+        for name in names:  # every worker reply carries the process's peak RSS so far
+            rss[name] = max(rss[name], results[name]["max_rss_mb"])
         for w in workers.values():
             w.stop()
         reps.append({name: steps * case.batch_size / results[name]["seconds"] for name in names})
@@ -210,7 +204,8 @@ def table(results: list[dict[str, Any]], peak: float, gpu: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The benchmark; on any error every worker still alive is terminated (they are not daemonic)."""
+    """The benchmark; on any error every worker still alive is terminated (they are not daemonic, and the others
+    of a repetition may be waiting for a turn that will not come)."""
     try:
         return _main(argv)
     finally:

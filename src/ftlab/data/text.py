@@ -19,7 +19,7 @@ from ftlab.data.base import ClassificationDataModule
 from ftlab.data.labels import TASKS, LabelMap
 from ftlab.data.samplers import LengthBucketSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
-from ftlab.utils.devices import on_cuda, pad_multiple
+from ftlab.utils.devices import check_auto_or_count, on_cuda, pad_multiple, padded_width
 from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class PadCollator:
         self.multiple, self.cap = multiple, cap  # longest rounded up to a multiple, at most cap
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = self.width or max(len(item["input_ids"]) for item in items)
-        if self.multiple > 1 and not self.width:
-            width = min(-(-width // self.multiple) * self.multiple, self.cap or width)
+        width = self.width or padded_width(
+            max(len(item["input_ids"]) for item in items), self.multiple, self.cap
+        )
         ids = np.full((len(items), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(items), width), dtype=np.int64)
         for row, item in enumerate(items):
@@ -216,14 +216,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
-        if pad_to_multiple_of != "auto" and (
-            isinstance(pad_to_multiple_of, bool)
-            or not isinstance(pad_to_multiple_of, int)
-            or pad_to_multiple_of < 1
-        ):
-            raise ConfigError(
-                f"data.pad_to_multiple_of={pad_to_multiple_of!r} must be a number >= 1 (1: no rounding) or 'auto'."
-            )
+        check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r} is not supported; use one of {', '.join(TASKS)}.")
         if max_length > preprocessing.max_length:

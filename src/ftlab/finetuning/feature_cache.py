@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
-from ftlab.utils.devices import loader_settings, on_cuda, pad_multiple
+from ftlab.utils.devices import loader_settings, on_cuda, padded_width
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,7 @@ class HiddenStateCollator:
         self.multiple, self.cap = multiple, cap
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        width = max(len(item["hidden_states"]) for item in items)
-        if self.multiple > 1:
-            width = min(-(-width // self.multiple) * self.multiple, self.cap or width)
+        width = padded_width(max(len(item["hidden_states"]) for item in items), self.multiple, self.cap)
         size = items[0]["hidden_states"].shape[-1]
         hidden = torch.zeros(len(items), width, size)
         mask = torch.zeros(len(items), width, dtype=torch.long)
@@ -106,11 +104,9 @@ class CachedFeatureDataModule(TensorDictDataModule):
             self.source.trainer = self.trainer  # the sampler reads the epoch and DDP rank from it
             sampler = self.source._train_sampler(self.source.datasets["train"])
         collate = self.collate
-        if isinstance(collate, HiddenStateCollator):  # data.pad_to_multiple_of, as the text module's batches
-            multiple = pad_multiple(getattr(self.source, "pad_to_multiple_of", 1), on_cuda(self.trainer))
-            collate = HiddenStateCollator(
-                collate.start_group, multiple, getattr(self.source, "max_length", None)
-            )
+        if isinstance(collate, HiddenStateCollator):  # widths rounded as the text module's batches would be
+            text = self.source._collate(cuda=on_cuda(self.trainer))
+            collate = HiddenStateCollator(collate.start_group, text.multiple, text.cap)
         return DataLoader(
             dataset,
             batch_size=self.source.batch_size if train else self.source.eval_batch_size,

@@ -63,12 +63,22 @@ def pad_multiple(setting: Any, cuda: bool) -> int:
 GPU_PAD_MULTIPLE = 8
 
 
+def padded_width(longest: int, multiple: int, cap: int | None) -> int:
+    """A batch's width: ``longest`` rounded up to ``multiple``, at most ``cap`` (but never below ``longest``)."""
+    if multiple <= 1:
+        return longest
+    return min(-(-longest // multiple) * multiple, cap or longest)
+
+
+def check_auto_or_count(key: str, value: Any, minimum: int, meaning: str = "") -> None:
+    """A clear error unless ``value`` is ``auto`` or a whole number >= ``minimum``."""
+    if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{key}={value!r} must be a number >= {minimum}{meaning} or 'auto'.")
+
+
 def check_loader_settings(num_workers: Any, pin_memory: Any) -> None:
     """A clear error for a value neither ``auto`` nor of the right type."""
-    if num_workers != AUTO and (
-        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
-    ):
-        raise ConfigError(f"data.num_workers={num_workers!r} must be a number >= 0 or 'auto'.")
+    check_auto_or_count("data.num_workers", num_workers, 0)
     if pin_memory != AUTO and not isinstance(pin_memory, bool):
         raise ConfigError(f"data.pin_memory={pin_memory!r} must be true, false or 'auto'.")
 
