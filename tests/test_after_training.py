@@ -25,8 +25,8 @@ from ftlab.deploy import formats
 from ftlab.evaluate import evaluate
 from ftlab.export import ExportCheckError, export
 from ftlab.predict import predict
+from ftlab.runs import rebuild
 from ftlab.train import train
-from ftlab.utils import checkpoints
 from ftlab.utils.errors import ConfigError, DataFileError, ModelLoadError
 
 from conftest import CONF_DIR, compose_cfg, read_json, run_cli, tiny_reviews, tiny_text_overrides
@@ -62,7 +62,7 @@ def entry_cfg(name: str, overrides: list[str]) -> DictConfig:
 
 def module_labels(run_dir: Path, texts: list[str]) -> list[str]:
     """The in-memory module's argmax labels, with the training data path's own tokenization and padding."""
-    run = checkpoints.load_run(run_dir)
+    run = rebuild.load_run(run_dir)
     tokenizer = load_tokenizer(run.module.backbone.preprocessing.tokenizer)
     arrays = tokenize_cached(tokenizer, texts, None, int(run.cfg.data.max_length), None)
     items = [
@@ -146,7 +146,7 @@ def test_a_checkpoint_from_another_config_is_refused(run_dir, tmp_path):
     cfg["model"]["backbone"]["config_overrides"]["num_hidden_layers"] = 1
     (other / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(ConfigError, match=r"unexpected \(16\): backbone.model.encoder.layer.1"):
-        checkpoints.load_run(other, run_dir / "checkpoints" / "best.ckpt")
+        rebuild.load_run(other, run_dir / "checkpoints" / "best.ckpt")
 
 
 def test_checkpoints_load_weights_only(run_dir, tmp_path):
@@ -156,7 +156,7 @@ def test_checkpoints_load_weights_only(run_dir, tmp_path):
     )  # any non-allow-listed object: its pickle would run code
     torch.save(checkpoint, tmp_path / "evil.ckpt")
     with pytest.raises(ModelLoadError, match="weights_only=True"):
-        checkpoints.load_run(run_dir, tmp_path / "evil.ckpt")
+        rebuild.load_run(run_dir, tmp_path / "evil.ckpt")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "hf"])
@@ -206,7 +206,7 @@ def test_hf_folder_loads_with_plain_transformers_and_predicts_the_same_labels(ru
 
 
 def test_hf_export_refuses_what_it_cannot_express_and_checks_tolerance(run_dir, tmp_path):
-    run = checkpoints.load_run(run_dir)
+    run = rebuild.load_run(run_dir)
     run.module.backbone.pooling = "mean"
     with pytest.raises(ConfigError, match="mean pooling cannot be written"):
         formats.export_hf(run.module, [], tmp_path, label_names=None, max_length=16)
@@ -222,7 +222,7 @@ def test_hf_export_of_pooler_pooling_is_exact(tmp_path, reviews_csv):
     from hydra.utils import instantiate
 
     torch.manual_seed(0)
-    module = checkpoints.build_module(cfg, instantiate(cfg.model.backbone), 3, ["a", "b", "c"]).eval()
+    module = rebuild.build_module(cfg, instantiate(cfg.model.backbone), 3, ["a", "b", "c"]).eval()
     batch = {"input_ids": torch.tensor([[101, 2307, 102, 0], [101, 2307, 2143, 102]])}
     batch["attention_mask"] = (batch["input_ids"] > 0).long()
     with torch.no_grad():

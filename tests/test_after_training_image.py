@@ -14,8 +14,8 @@ from omegaconf import OmegaConf, open_dict
 from ftlab.evaluate import evaluate
 from ftlab.export import export
 from ftlab.predict import predict
+from ftlab.runs import rebuild
 from ftlab.train import train
-from ftlab.utils import checkpoints
 from ftlab.utils.errors import ConfigError
 
 from conftest import CONF_DIR, read_json
@@ -54,8 +54,8 @@ def test_image_eval_reproduces_training_and_predict_matches_the_module(image_run
     assert metrics["test/acc"] == pytest.approx(recorded["test/acc"], abs=1e-6)
     assert metrics["test/loss"] == pytest.approx(recorded["test/loss"], abs=1e-5)
 
-    run = checkpoints.load_run(image_run)
-    dataset = checkpoints.datamodule_for(run).datasets["test"]
+    run = rebuild.load_run(image_run)
+    dataset = rebuild.datamodule_for(run).datasets["test"]
     from PIL import Image
 
     folder = tmp_path / "images"

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import ftlab.utils.jobs  # noqa: F401  (registers the ftlab.* resolvers that configs use)
+import ftlab.runs.jobs  # noqa: F401  (registers the ftlab.* resolvers that configs use)
 
 from conftest import CONF_DIR, compose_cfg, tiny_reviews
 

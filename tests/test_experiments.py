@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-import ftlab.utils.jobs  # noqa: F401  (registers the ftlab.* resolvers)
+import ftlab.runs.jobs  # noqa: F401  (registers the ftlab.* resolvers)
 from ftlab.utils.errors import ConfigError
 
 from conftest import CONF_DIR

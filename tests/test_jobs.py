@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ftlab.utils import jobs, runs
+from ftlab.runs import folder, jobs
 from ftlab.utils.errors import ConfigError, DataFileError
 
 
@@ -25,7 +25,7 @@ def _cfg(tmp_path: Path, **extra):
 
 
 def _status(cfg) -> dict:
-    return json.loads((Path(cfg.paths.output_dir) / jobs.STATUS_FILE).read_text())
+    return json.loads((Path(cfg.paths.output_dir) / folder.STATUS_FILE).read_text())
 
 
 def _ok(cfg):
@@ -64,13 +64,13 @@ def test_sweep_resume_skips_complete_jobs_and_continues_cut_off_ones(tmp_path, m
     done = _cfg(tmp_path, resume=True)
     job = Path(done.paths.output_dir)
     job.mkdir()
-    runs.write_metrics(job / runs.METRICS_FILE, {"best/val/acc": 0.61, "test/acc": 0.6})
+    folder.write_metrics(job / folder.METRICS_FILE, {"best/val/acc": 0.61, "test/acc": 0.6})
     assert jobs.run_job(_broken, done) == pytest.approx(0.61)  # not called: the record is complete
 
     seen = {}
     cut_off = _cfg(tmp_path / "b", resume=True)
     (Path(cut_off.paths.output_dir) / "checkpoints").mkdir(parents=True)
-    (Path(cut_off.paths.output_dir) / runs.LAST_CKPT).write_bytes(b"")
+    (Path(cut_off.paths.output_dir) / folder.LAST_CKPT).write_bytes(b"")
     assert jobs.run_job(lambda c: seen.setdefault("resume", c.resume) and _ok(c), cut_off) == 0.75
     assert seen["resume"] == cut_off.paths.output_dir  # continues from its own last.ckpt
 
@@ -112,13 +112,13 @@ def test_threads_fair_share_under_joblib(monkeypatch):
 
 
 def test_resume_argv_variants(tmp_path):
-    assert runs.resume_argv(["-m", "seed=1,2", "resume=true"]) == ["-m", "seed=1,2", "resume=true"]
-    assert runs.resume_argv(["resume=true"]) == ["resume=true"]  # the job explains it (ConfigError)
+    assert folder.resume_argv(["-m", "seed=1,2", "resume=true"]) == ["-m", "seed=1,2", "resume=true"]
+    assert folder.resume_argv(["resume=true"]) == ["resume=true"]  # the job explains it (ConfigError)
     (tmp_path / "multirun.yaml").write_text("{}\n")
-    argv = runs.resume_argv(["-m", "seed=1,2", f"resume={tmp_path}"])
+    argv = folder.resume_argv(["-m", "seed=1,2", f"resume={tmp_path}"])
     assert argv == ["-m", "seed=1,2", f"hydra.sweep.dir={tmp_path.resolve()}", "resume=true"]
     with pytest.raises(DataFileError, match="multirun.yaml"):
-        runs.resume_argv(["-m", f"resume={tmp_path / 'nope'}"])
+        folder.resume_argv(["-m", f"resume={tmp_path / 'nope'}"])
 
 
 def test_direction_resolver():
@@ -131,6 +131,6 @@ def test_sweep_resume_refuses_a_folder_of_another_setting(tmp_path, monkeypatch)
     cfg = _cfg(tmp_path, resume=True)
     Path(cfg.paths.output_dir).mkdir()
     record = {"best/val/acc": 0.6, "overrides": ["optimizer.lr=0.1", "resume=true", "hydra.sweep.dir=/x"]}
-    runs.write_metrics(Path(cfg.paths.output_dir) / runs.METRICS_FILE, record)
+    folder.write_metrics(Path(cfg.paths.output_dir) / folder.METRICS_FILE, record)
     with pytest.raises(ConfigError, match="holds the run of optimizer.lr=0.1, but this job is"):
         jobs.run_job(_ok, cfg)  # this job (no Hydra here) has no overrides: another setting

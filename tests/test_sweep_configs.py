@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import ftlab.utils.jobs  # noqa: F401  (registers the ftlab.* resolvers, as ftlab.train does)
+import ftlab.runs.jobs  # noqa: F401  (registers the ftlab.* resolvers, as ftlab.train does)
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

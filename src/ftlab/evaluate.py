@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
 from ftlab.models.module import make_metrics
-from ftlab.utils import checkpoints, runs
+from ftlab.runs import folder, rebuild
 from ftlab.utils.errors import ConfigError
 
 SPLITS = {"train": "train_dataloader", "validation": "val_dataloader", "test": "test_dataloader"}
@@ -46,7 +46,7 @@ def user_data(cfg: DictConfig) -> DictConfig | None:
 def collect(module: torch.nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, C) and labels (N,) of every example the loader yields, in order."""
     logits, labels = [], []
-    for batch, out in checkpoints.batches(module, loader, device):
+    for batch, out in rebuild.batches(module, loader, device):
         logits.append(out.float().cpu())
         labels.append(batch["labels"].cpu())
     return torch.cat(logits), torch.cat(labels)
@@ -107,9 +107,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.split not in SPLITS:
         raise ConfigError(f"split={cfg.split!r} is not one of {', '.join(SPLITS)}.")
     device = pick_device(cfg.device)
-    run = checkpoints.load_run(cfg.run, cfg.get("ckpt"))
+    run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     data = user_data(cfg)
-    datamodule = checkpoints.datamodule_for(run, data)
+    datamodule = rebuild.datamodule_for(run, data)
     module = run.module.to(device)
     logits, labels = collect(module, getattr(datamodule, SPLITS[cfg.split])(), device)
     default_dir = run.run_dir / "eval" / (cfg.split if data is None else f"other_data_{cfg.split}")
@@ -129,7 +129,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print("\n" + report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     metrics: dict[str, Any] = {prefix + k: v for k, v in values.items()}
     metrics.update(examples=len(labels), checkpoint=str(run.ckpt_path), split=cfg.split)
-    runs.write_metrics(out / runs.METRICS_FILE, metrics)
+    folder.write_metrics(out / folder.METRICS_FILE, metrics)
     shown = "\n".join(f"  {k:<20} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
     print(
         f"\nftlab eval: {len(labels)} {cfg.split} examples\n{shown}\n  written to          {out}\n",
@@ -138,9 +138,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    runs.exit_on_user_error(evaluate, cfg)
+    folder.exit_on_user_error(evaluate, cfg)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from ftlab.deploy import compress as compression
 from ftlab.deploy import formats
-from ftlab.utils import checkpoints, runs
+from ftlab.runs import folder, rebuild
 from ftlab.utils.errors import ConfigError, FtlabError
 
 
@@ -50,19 +50,19 @@ def _trim(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor
     return part
 
 
-def example_batches(run: checkpoints.LoadedRun, count: int) -> list[dict[str, torch.Tensor]]:
+def example_batches(run: rebuild.LoadedRun, count: int) -> list[dict[str, torch.Tensor]]:
     """Two batches of real test examples: the first ``count``, and the last few of them with their own padding
     (a different batch size and sequence length, so a file with a frozen shape fails the check)."""
     if count < 2:
         raise ConfigError(f"verify_examples={count} must be at least 2.")
-    datamodule = checkpoints.datamodule_for(run)
+    datamodule = rebuild.datamodule_for(run)
     loader = datamodule.test_dataloader()
     first = _trim(next(iter(loader)), slice(0, count))
     size = len(first["labels"])
     return [first, _trim(first, slice(size - max(1, min(3, size - 1)), size))]
 
 
-def export_format(cfg: DictConfig, run: checkpoints.LoadedRun) -> dict[str, Any]:
+def export_format(cfg: DictConfig, run: rebuild.LoadedRun) -> dict[str, Any]:
     out = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else run.run_dir / "export" / cfg.format
     batches = example_batches(run, int(cfg.verify_examples))
     module = merge_adapters(run.module).eval()
@@ -109,15 +109,15 @@ def export_format(cfg: DictConfig, run: checkpoints.LoadedRun) -> dict[str, Any]
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Export (``format``) or compress (``compress``) ``cfg.run``'s checkpoint; returns the check's record."""
-    run = checkpoints.load_run(cfg.run, cfg.get("ckpt"))
+    run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     if cfg.get("compress"):
         return compression.compress(cfg, run, merge_adapters)
     return export_format(cfg, run)
 
 
-@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="export")
 def _hydra_main(cfg: DictConfig) -> None:
-    runs.exit_on_user_error(export, cfg)
+    folder.exit_on_user_error(export, cfg)
 
 
 def main() -> None:

@@ -24,14 +24,14 @@ from omegaconf import DictConfig, ListConfig
 
 from ftlab.data.sources import FILE_FORMATS, read_table
 from ftlab.evaluate import pick_device
-from ftlab.utils import checkpoints, runs
+from ftlab.runs import folder, rebuild
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TABLE_SUFFIXES = tuple(FILE_FORMATS)
 
 
-def is_image_run(run: checkpoints.LoadedRun) -> bool:
+def is_image_run(run: rebuild.LoadedRun) -> bool:
     return hasattr(run.module.backbone.preprocessing, "input_size")
 
 
@@ -44,7 +44,7 @@ def _image_files(path: Path) -> list[str]:
     return [str(p) for p in files]
 
 
-def read_inputs(cfg: DictConfig, run: checkpoints.LoadedRun) -> tuple[list[str], list[str] | None]:
+def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun) -> tuple[list[str], list[str] | None]:
     """The examples (texts or image paths) and, for pair tasks, the second texts."""
     inputs = cfg.inputs
     if isinstance(inputs, ListConfig | list | tuple):
@@ -80,7 +80,7 @@ def read_inputs(cfg: DictConfig, run: checkpoints.LoadedRun) -> tuple[list[str],
 
 
 def text_batches(
-    run: checkpoints.LoadedRun, texts: list[str], pairs: list[str] | None, batch_size: int
+    run: rebuild.LoadedRun, texts: list[str], pairs: list[str] | None, batch_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Tokenized as in training: the run's tokenizer, truncation at ``data.max_length``, padding per batch."""
     from ftlab.data.text import load_tokenizer
@@ -101,7 +101,7 @@ def text_batches(
 
 
 def image_batches(
-    run: checkpoints.LoadedRun, paths: list[str], batch_size: int
+    run: rebuild.LoadedRun, paths: list[str], batch_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Read and transformed as the run's validation/test images (no augmentation)."""
     from ftlab.data.image import ImageDataset, build_transform
@@ -157,7 +157,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     if int(cfg.top_k) < 1 or int(cfg.batch_size) < 1:
         raise ConfigError(f"top_k={cfg.top_k} and batch_size={cfg.batch_size} must be at least 1.")
     device = pick_device(cfg.device)
-    run = checkpoints.load_run(cfg.run, cfg.get("ckpt"))
+    run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     examples, pairs = read_inputs(cfg, run)
     if not examples:
         raise DataError(f"inputs={cfg.inputs}: there is nothing to predict (no non-empty example).")
@@ -166,7 +166,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     else:
         loader = text_batches(run, examples, pairs, int(cfg.batch_size))
     module = run.module.to(device)
-    logits = torch.cat([out.float().cpu() for _, out in checkpoints.batches(module, loader, device)])
+    logits = torch.cat([out.float().cpu() for _, out in rebuild.batches(module, loader, device)])
     rows = prediction_rows(examples, logits, run.label_names, int(cfg.top_k))
     output = (
         Path(cfg.output).expanduser()
@@ -181,9 +181,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"output": str(output), "examples": len(rows)}
 
 
-@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="predict")
 def _hydra_main(cfg: DictConfig) -> None:
-    runs.exit_on_user_error(predict, cfg)
+    folder.exit_on_user_error(predict, cfg)
 
 
 def main() -> None:

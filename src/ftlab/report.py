@@ -27,16 +27,17 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from ftlab.utils import runs
+from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
 
-STATUS_FILE = "status.json"  # written by ftlab.utils.jobs
 DROPPED = ("paths.", "hydra.", "hydra/", "resume", "logger")  # overrides that do not change the result
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
-    found = {p.parent.parent for p in sweep.rglob(".hydra/overrides.yaml")}
-    found |= {p.parent for p in sweep.rglob(runs.METRICS_FILE)} | {p.parent for p in sweep.rglob(STATUS_FILE)}
+    found = {p.parent.parent for p in sweep.rglob(folder.OVERRIDES_FILE)}
+    found |= {p.parent for p in sweep.rglob(folder.METRICS_FILE)} | {
+        p.parent for p in sweep.rglob(folder.STATUS_FILE)
+    }
     return sorted((d for d in found if ".submitit" not in d.parts), key=lambda d: _natural(str(d)))
 
 
@@ -54,8 +55,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _overrides(job: Path, metrics: dict[str, Any] | None, ignore: set[str]) -> dict[str, str]:
     items = (metrics or {}).get("overrides")
-    if items is None and (job / ".hydra" / "overrides.yaml").is_file():
-        items = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    if items is None and (job / folder.OVERRIDES_FILE).is_file():
+        items = yaml.safe_load((job / folder.OVERRIDES_FILE).read_text()) or []
     pairs = (str(item).lstrip("+~").split("=", 1) for item in items or [])
     return {
         k: v for k, v in (p for p in pairs if len(p) == 2) if k not in ignore and not k.startswith(DROPPED)
@@ -71,8 +72,8 @@ def collect(sweeps: list[Path], ignore: set[str]) -> pd.DataFrame:
                 f"ftlab-report: {sweep} is not a folder; give a sweep folder (outputs/multirun/...)."
             )
         for job in _job_dirs(sweep):
-            metrics = _read_json(job / runs.METRICS_FILE)
-            status = _read_json(job / STATUS_FILE) or {}
+            metrics = _read_json(job / folder.METRICS_FILE)
+            status = _read_json(job / folder.STATUS_FILE) or {}
             state = status.get("status") or ("completed" if metrics else "unfinished")
             if state == "completed" and metrics is None:
                 state = "unfinished"
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = report(args.sweeps, args.metrics, tuple(args.ignore), args.out, plots=not args.no_plots)
     except FtlabError as err:
-        runs.print_error(err)
+        folder.print_error(err)
         sys.exit(2)
     print(result["markdown"])
     print(

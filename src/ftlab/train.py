@@ -21,10 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.finetuning.feature_cache import maybe_cache_features
-from ftlab.models.backbones.checkpoints import BACKBONE_FILE
-from ftlab.utils import jobs, runs
+from ftlab.runs import folder, jobs
+from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
-from ftlab.utils.checkpoints import build_module
 from ftlab.utils.devices import resolve_precision
 from ftlab.utils.errors import FtlabError
 
@@ -33,7 +32,7 @@ log = logging.getLogger("ftlab.train")
 
 def _overrides(output_dir: Path, resumed: bool) -> list[str]:
     """The overrides that define the run; for a resumed run, those of its first start (its .hydra record)."""
-    saved = output_dir / ".hydra" / "overrides.yaml"
+    saved = output_dir / folder.OVERRIDES_FILE
     if resumed and saved.is_file():
         return list(OmegaConf.load(saved))
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
@@ -44,7 +43,7 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
-        user = runs.user_error(err)
+        user = folder.user_error(err)
         if user is None:
             raise
         raise user from None
@@ -55,9 +54,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = runs.resume_checkpoint(output_dir) if cfg.get("resume") else None
+    ckpt_path = folder.resume_checkpoint(output_dir) if cfg.get("resume") else None
     if ckpt_path is None:
-        runs.check_fresh(output_dir)
+        folder.check_fresh(output_dir)
 
     tune_malloc(cfg.get("malloc_tuning", True))  # glibc keeps freed memory between steps (utils/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
@@ -65,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
     module = build_module(cfg, backbone, datamodule.num_classes, datamodule.label_names, make=_instantiate)
-    datamodule.label_map.save(output_dir / runs.LABELS_FILE)
+    datamodule.label_map.save(output_dir / folder.LABELS_FILE)
     counts = module.parameter_counts()
     log.info(
         "Trainable parameters: %d of %d (%.2f%%)",
@@ -103,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
     # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them
     if cfg.save_backbone and trainer.is_global_zero:
-        torch.save(module.backbone.state_dict(), output_dir / BACKBONE_FILE)
+        torch.save(module.backbone.state_dict(), output_dir / folder.BACKBONE_FILE)
     if getattr(backbone, "loaded_checkpoint", None):
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
@@ -113,7 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         seed=cfg.seed,
         overrides=_overrides(output_dir, ckpt_path is not None),
     )
-    runs.write_metrics(output_dir / runs.METRICS_FILE, metrics)
+    folder.write_metrics(output_dir / folder.METRICS_FILE, metrics)
     _summary(metrics, output_dir)
     return metrics
 
@@ -124,19 +123,19 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> None:
     print("\nftlab run finished\n" + "\n".join(lines) + f"\n  run folder       {output_dir}\n", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path=runs.CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     # status.json; in a multirun a failed job returns None and the sweep goes on
-    return runs.exit_on_user_error(jobs.run_job, train, cfg)
+    return folder.exit_on_user_error(jobs.run_job, train, cfg)
 
 
 def main() -> None:
     """Console entry point; ``resume=<run folder>`` continues that run, ``-m ... resume=<sweep>`` that sweep."""
     try:
-        runs.refuse_taken_run_dir(sys.argv[1:])
-        sys.argv = [sys.argv[0], *runs.resume_argv(sys.argv[1:])]
+        folder.refuse_taken_run_dir(sys.argv[1:])
+        sys.argv = [sys.argv[0], *folder.resume_argv(sys.argv[1:])]
     except FtlabError as err:
-        runs.print_error(err)
+        folder.print_error(err)
         sys.exit(2)
     _hydra_main()
 

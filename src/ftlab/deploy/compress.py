@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from ftlab.deploy.formats import LogitsModel, input_names
-from ftlab.utils import checkpoints
+from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -96,15 +96,13 @@ def latencies_ms(models: list[nn.Module], batch: dict[str, torch.Tensor], repeat
 
 def accuracy(module: nn.Module, loader: Any) -> float:
     correct = total = 0
-    for batch, logits in checkpoints.batches(module, loader, torch.device("cpu")):
+    for batch, logits in rebuild.batches(module, loader, torch.device("cpu")):
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         total += len(batch["labels"])
     return correct / total
 
 
-def _finetuner(
-    run: checkpoints.LoadedRun, datamodule: Any, epochs: int
-) -> Callable[[nn.Module], None] | None:
+def _finetuner(run: rebuild.LoadedRun, datamodule: Any, epochs: int) -> Callable[[nn.Module], None] | None:
     if epochs <= 0:
         return None
 
@@ -139,7 +137,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def compress(
-    cfg: DictConfig, run: checkpoints.LoadedRun, merge: Callable[[nn.Module], nn.Module]
+    cfg: DictConfig, run: rebuild.LoadedRun, merge: Callable[[nn.Module], nn.Module]
 ) -> dict[str, Any]:
     """Build the ``cfg.compress`` variant of the run's model and measure it against the original."""
     method = cfg.compress
@@ -155,7 +153,7 @@ def compress(
         raise ConfigError("compress= measures CPU inference (int8 kernels are CPU-only): leave device=cpu.")
     out = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else run.run_dir / "export" / method
     out.mkdir(parents=True, exist_ok=True)
-    datamodule = checkpoints.datamodule_for(run)
+    datamodule = rebuild.datamodule_for(run)
     original = merge(run.module).eval()
     sparsity = 0.0
     if method == "int8":

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 from ftlab.finetuning.groups import backbone_groups
+from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError, DataFileError
 
 log = logging.getLogger(__name__)
 
-BACKBONE_FILE = "backbone.pt"
 PREFIX = "backbone."
 
 
@@ -21,11 +21,11 @@ def resolve_checkpoint(checkpoint: str) -> Path:
     """A run folder (its ``backbone.pt``, else ``checkpoints/best.ckpt``, else ``last.ckpt``) or a file."""
     path = Path(checkpoint).expanduser()
     if path.is_dir():
-        for candidate in (BACKBONE_FILE, "checkpoints/best.ckpt", "checkpoints/last.ckpt"):
+        for candidate in (folder.BACKBONE_FILE, folder.BEST_CKPT, folder.LAST_CKPT):
             if (path / candidate).is_file():
                 return path / candidate
         raise DataFileError(
-            f"model.backbone.checkpoint={checkpoint!r} is a folder without {BACKBONE_FILE} or checkpoints/*.ckpt; "
+            f"model.backbone.checkpoint={checkpoint!r} is a folder without {folder.BACKBONE_FILE} or checkpoints/*.ckpt; "
             "give the folder of a finished ftlab run, a .ckpt file or a backbone.pt file."
         )
     if not path.is_file():
@@ -38,8 +38,7 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 
 def backbone_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The backbone's tensors: a Lightning checkpoint's ``backbone.*`` keys (prefix stripped) or a plain state dict."""
-    # A Lightning .ckpt also holds hyper-parameters and loop state (plain Python objects), so it is not weights-only.
-    state = torch.load(path, map_location="cpu", weights_only=path.suffix != ".ckpt")
+    state = folder.read_checkpoint(path)  # weights-only: a checkpoint from elsewhere never runs pickled code
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if any(k.startswith(PREFIX) for k in state):

@@ -9,14 +9,43 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
+from ftlab.utils.errors import ConfigError, DataFileError, FtlabError, ModelLoadError
 
 # conf/ sits at the repository root (the design card's layout); ftlab is installed editable (`make install`).
 CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+# Every file name of the run folder, named here only.
 METRICS_FILE = "metrics.json"
 LABELS_FILE = "labels.json"
-LAST_CKPT = "checkpoints/last.ckpt"
-BEST_CKPT = "checkpoints/best.ckpt"
+STATUS_FILE = "status.json"  # a sweep job's completed/failed record (ftlab.runs.jobs)
+BACKBONE_FILE = "backbone.pt"  # the backbone alone (save_backbone=true), for transfer
+CONFIG_FILE = ".hydra/config.yaml"
+OVERRIDES_FILE = ".hydra/overrides.yaml"
+MULTIRUN_FILE = "multirun.yaml"  # in a sweep folder
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = f"{CHECKPOINT_DIR}/last.ckpt"
+BEST_CKPT = f"{CHECKPOINT_DIR}/best.ckpt"
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file (Lightning ``.ckpt`` or a plain state dict) as plain data, with ``weights_only=True``.
+
+    The one checkpoint reader of ftlab: rebuilding a run, resuming it and transferring a backbone all read through
+    it, so a model file from elsewhere never runs pickled code.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{path} holds objects other than tensors and plain values, so it was not loaded (weights_only=True "
+            f"refuses to run pickled code): {str(err).splitlines()[0]}. Only load checkpoints you trust; an "
+            "ftlab checkpoint never needs this."
+        ) from err
+    except (OSError, RuntimeError, EOFError) as err:
+        raise ModelLoadError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
 
 
 def check_fresh(output_dir: Path) -> None:
@@ -44,11 +73,11 @@ def resume_argv(argv: list[str]) -> list[str]:
     """
     values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if not values or values[-1].lower() in ("", "null", "true", "false"):
-        return argv  # resume=true is the sweep variant, handled in the job (ftlab.utils.jobs)
+        return argv  # resume=true is the sweep variant, handled in the job (ftlab.runs.jobs)
     if "-m" in argv or "--multirun" in argv:
         return _resume_sweep_argv(argv, values[-1])
     run_dir = Path(values[-1]).expanduser().resolve()
-    config = run_dir / ".hydra" / "config.yaml"
+    config = run_dir / CONFIG_FILE
     if not config.is_file():
         raise DataFileError(f"resume={values[-1]}: {config} does not exist; give the folder of an ftlab run.")
     rest = [a for a in argv if not a.startswith("resume=")]
@@ -76,9 +105,9 @@ def refuse_taken_run_dir(argv: list[str]) -> None:
 def _resume_sweep_argv(argv: list[str], value: str) -> list[str]:
     """``-m ... resume=<sweep folder>`` is ``-m ... hydra.sweep.dir=<sweep folder> resume=true``."""
     sweep_dir = Path(value).expanduser().resolve()
-    if not (sweep_dir / "multirun.yaml").is_file():
+    if not (sweep_dir / MULTIRUN_FILE).is_file():
         raise DataFileError(
-            f"resume={value} with -m: {sweep_dir / 'multirun.yaml'} does not exist; give the folder of an ftlab "
+            f"resume={value} with -m: {sweep_dir / MULTIRUN_FILE} does not exist; give the folder of an ftlab "
             "sweep (outputs/multirun/<name>_<time>), and the same sweep overrides as the first time."
         )
     rest = [a for a in argv if not a.startswith("resume=")]

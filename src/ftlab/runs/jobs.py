@@ -33,12 +33,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ftlab.utils import runs
+from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError
 
 log = logging.getLogger("ftlab.jobs")
 
-STATUS_FILE = "status.json"
 THREADS_ENV = "FTLAB_TORCH_THREADS"
 # Spawning strategies start their ranks from inside the job; these re-run the script (and Hydra's sweep) per rank.
 _RELAUNCHING = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
@@ -79,7 +78,7 @@ OmegaConf.register_new_resolver(
 def completed_metrics(run_dir: Path, monitor: str) -> dict[str, Any] | None:
     """A finished run's ``metrics.json``, or ``None`` if it is missing or lacks ``best/<monitor>``."""
     try:
-        metrics = json.loads((run_dir / runs.METRICS_FILE).read_text())
+        metrics = json.loads((run_dir / folder.METRICS_FILE).read_text())
     except (OSError, ValueError):
         return None
     return metrics if isinstance(metrics, dict) and f"best/{monitor}" in metrics else None
@@ -96,9 +95,9 @@ def write_status(run_dir: Path, status: str, **fields: Any) -> None:
         return  # one record per job, from rank 0
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    tmp = run_dir / (STATUS_FILE + ".tmp")
+    tmp = run_dir / (folder.STATUS_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / STATUS_FILE)
+    tmp.replace(run_dir / folder.STATUS_FILE)
 
 
 def set_threads(launcher: Any = None) -> int:
@@ -147,7 +146,7 @@ def _prepare_multirun(cfg: DictConfig, output_dir: Path) -> None:
     if cfg.get("resume") is True:
         # The sweep variant of resume: continue this job's own run if it was cut off, else start it afresh.
         with open_dict(cfg):
-            cfg.resume = str(output_dir) if (output_dir / runs.LAST_CKPT).is_file() else None
+            cfg.resume = str(output_dir) if (output_dir / folder.LAST_CKPT).is_file() else None
 
 
 def _finish_wandb(cfg: DictConfig, metrics: dict[str, Any] | None, exit_code: int) -> None:
@@ -184,7 +183,7 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     try:
         metrics = train(cfg)
     except Exception as err:
-        err = runs.user_error(err) or err  # the user error behind Hydra's InstantiationException, if any
+        err = folder.user_error(err) or err  # the user error behind Hydra's InstantiationException, if any
         write_status(
             output_dir,
             "failed",
@@ -200,7 +199,7 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
             "job failed (%s: %s); the sweep goes on. Record: %s",
             type(err).__name__,
             err,
-            output_dir / STATUS_FILE,
+            output_dir / folder.STATUS_FILE,
         )
         return None
     objective = _objective(metrics, cfg.monitor)

@@ -9,7 +9,6 @@ ftlab holds only tensors, numbers, strings and plain containers, so no pickled c
 from __future__ import annotations
 
 import logging
-import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftlab.models.module import ClassificationModule
-from ftlab.utils import runs
-from ftlab.utils.errors import ConfigError, DataError, DataFileError, ModelLoadError
+from ftlab.runs import folder
+from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = ".hydra/config.yaml"
 # Backbone keys that make a constructor load pretrained weights; the checkpoint overwrites them anyway.
 NO_PRETRAINED = {"pretrained": False, "weights": None, "checkpoint": None}
 
@@ -47,7 +45,7 @@ class LoadedRun:
 def load_run_config(run_dir: str | Path) -> DictConfig:
     """The run's composed config with ``paths.output_dir`` pointing at the run folder (no Hydra runtime needed)."""
     run_dir = Path(run_dir).expanduser().resolve()
-    path = run_dir / CONFIG_FILE
+    path = run_dir / folder.CONFIG_FILE
     if not path.is_file():
         raise DataFileError(
             f"run={run_dir}: {path} does not exist. Give the folder of a finished ftlab run "
@@ -66,26 +64,12 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = None) -> Path:
         if not path.is_file():
             raise DataFileError(f"ckpt={ckpt}: no such checkpoint file.")
         return path.resolve()
-    for name in (runs.BEST_CKPT, runs.LAST_CKPT):
+    for name in (folder.BEST_CKPT, folder.LAST_CKPT):
         if (run_dir / name).is_file():
             return run_dir / name
     raise DataFileError(
-        f"{run_dir} has neither {runs.BEST_CKPT} nor {runs.LAST_CKPT}; give a checkpoint with ckpt=<file>."
+        f"{run_dir} has neither {folder.BEST_CKPT} nor {folder.LAST_CKPT}; give a checkpoint with ckpt=<file>."
     )
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A Lightning checkpoint as plain data, loaded with ``weights_only=True`` (no code from the file runs)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ModelLoadError(
-            f"{path} holds objects other than tensors and plain values, so it was not loaded (weights_only=True "
-            f"refuses to run pickled code): {str(err).splitlines()[0]}. Only load checkpoints you trust; an "
-            "ftlab checkpoint never needs this."
-        ) from err
-    except (OSError, RuntimeError, EOFError) as err:
-        raise ModelLoadError(f"{path} could not be read as a PyTorch checkpoint: {err}") from err
 
 
 def build_module(
@@ -146,7 +130,7 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
     cfg = load_run_config(run_dir)
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = find_checkpoint(run_dir, ckpt)
-    checkpoint = read_checkpoint(ckpt_path)
+    checkpoint = folder.read_checkpoint(ckpt_path)
     hparams = checkpoint.get("hyper_parameters") or {}
     if "num_classes" not in hparams or "state_dict" not in checkpoint:
         raise ConfigError(
