@@ -21,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.finetuning.feature_cache import maybe_cache_features
+from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs
 from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
 from ftlab.utils.devices import resolve_precision
-from ftlab.utils.errors import FtlabError
+from ftlab.utils.errors import ConfigError, FtlabError
 
 log = logging.getLogger("ftlab.train")
 
@@ -61,9 +62,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tune_malloc(cfg.get("malloc_tuning", True))  # glibc keeps freed memory between steps (utils/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
     backbone = _instantiate(cfg.model.backbone)
+    if not isinstance(backbone, Backbone):
+        raise ConfigError(
+            f"model.backbone._target_={cfg.model.backbone.get('_target_')} built a {type(backbone).__name__}, which "
+            "lacks the backbone contract (out_features, preprocessing, loaded_checkpoint, layer_groups(); see "
+            "ftlab.models.backbones.contract.Backbone)."
+        )
     datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
-    module = build_module(cfg, backbone, datamodule.num_classes, datamodule.label_names, make=_instantiate)
+    module = build_module(
+        cfg,
+        backbone,
+        datamodule.num_classes,
+        datamodule.label_names,
+        make=_instantiate,
+        task=datamodule.task,
+        class_counts=datamodule.class_counts(),
+    )
     datamodule.label_map.save(output_dir / folder.LABELS_FILE)
     counts = module.parameter_counts()
     log.info(
@@ -103,7 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them
     if cfg.save_backbone and trainer.is_global_zero:
         torch.save(module.backbone.state_dict(), output_dir / folder.BACKBONE_FILE)
-    if getattr(backbone, "loaded_checkpoint", None):
+    if backbone.loaded_checkpoint:
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
     metrics.update(counts)

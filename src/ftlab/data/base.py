@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -88,6 +89,17 @@ class ClassificationDataModule(TensorDictDataModule):
         self.setup("fit")  # idempotent in the subclasses: the first call reads the data
         assert self.label_map is not None
         return self.label_map.num_classes
+
+    def class_counts(self) -> list[int] | None:
+        """Training examples per class (for ``module.class_weights=balanced``); ``None`` where counts do not apply."""
+        self.setup("fit")
+        assert self.label_map is not None
+        if self.label_map.names is None:
+            return None
+        labels = np.asarray(self.datasets["train"].labels)
+        if labels.ndim == 2:  # multi-hot: positives per label
+            return labels.sum(0).astype(int).tolist()
+        return np.bincount(labels, minlength=self.label_map.num_classes).tolist()
 
     @property
     def label_names(self) -> list[str] | None:

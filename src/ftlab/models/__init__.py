@@ -1,6 +1,6 @@
 """Models: backbones, heads, and the LightningModule that trains them."""
 
 from ftlab.models.heads import ClassificationHead
-from ftlab.models.module import ClassificationModule
+from ftlab.models.module import ClassificationModule, FinetuneModule
 
-__all__ = ["ClassificationHead", "ClassificationModule"]
+__all__ = ["ClassificationHead", "ClassificationModule", "FinetuneModule"]

@@ -1,4 +1,5 @@
-"""The training system: backbone + head + fine-tuning policy, loss, metrics and optimizers."""
+"""The training system: backbone + head + fine-tuning policy + task; optimizers. Task-generic: the loss, the
+metrics and the shape of the outputs come from the task (:mod:`ftlab.tasks`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 from torch import nn
-from torch.nn import functional as F
 
 from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.finetuning.groups import (
@@ -20,46 +20,24 @@ from ftlab.finetuning.groups import (
     set_trainable,
 )
 from ftlab.finetuning.policy import FinetunePolicy
+from ftlab.models.backbones.contract import SplittableBackbone, TokenBackbone
 from ftlab.models.clipping import clip_in_fused_step, fused_clipping_applies
+from ftlab.tasks import Task
 from ftlab.utils.errors import ConfigError
 
 STAGES = ("train", "val", "test")
 
 
-def make_metrics(num_classes: int) -> torchmetrics.MetricCollection:
-    """Accuracy, macro F1/precision/recall for classification; MSE/MAE/R² for regression (``num_classes == 1``)."""
-    if num_classes == 1:
-        return torchmetrics.MetricCollection(
-            {
-                "mse": torchmetrics.MeanSquaredError(),
-                "mae": torchmetrics.MeanAbsoluteError(),
-                "r2": torchmetrics.R2Score(),
-            }
-        )
-    # validate_args=False: predictions are argmax indices and labels were checked when the data was read; the
-    # per-update checks (value ranges, torch.unique) are host work every step and a device sync on GPU
-    kw: dict[str, Any] = {"task": "multiclass", "num_classes": num_classes, "validate_args": False}
-    return torchmetrics.MetricCollection(
-        {
-            "acc": torchmetrics.Accuracy(**kw, average="micro"),
-            "f1": torchmetrics.F1Score(**kw, average="macro"),
-            "precision": torchmetrics.Precision(**kw, average="macro"),
-            "recall": torchmetrics.Recall(**kw, average="macro"),
-        }
-    )
-
-
-class ClassificationModule(pl.LightningModule):
-    """Classification (cross-entropy) or regression (MSE, ``num_classes == 1``) on top of any ftlab backbone.
+class FinetuneModule(pl.LightningModule):
+    """A task's model (backbone + head) trained under a fine-tuning policy.
 
     Args:
-        backbone, head: plain ``nn.Module`` s; the backbone provides ``layer_groups()``.
+        backbone, head: plain ``nn.Module`` s; the backbone follows :class:`~ftlab.models.backbones.contract.Backbone`.
         policy: which groups train and at which LR (:class:`~ftlab.finetuning.FinetunePolicy`).
+        task: the loss, the metrics and how outputs become predictions (:class:`~ftlab.tasks.Task`).
         optimizer: a partial optimizer (``lr`` and ``weight_decay`` as its keywords) completed with parameter groups.
         scheduler: a partial of :mod:`ftlab.models.schedules` completed with the optimizer and step count, or None.
-        num_classes: the head's outputs; 1 means regression.
-        label_smoothing: for cross-entropy.
-        label_names: saved in the checkpoint so evaluation and prediction name classes as training did.
+        task_options: the ``module.*`` options the task was built with (saved, so a run is rebuilt the same way).
     """
 
     def __init__(
@@ -67,17 +45,28 @@ class ClassificationModule(pl.LightningModule):
         backbone: nn.Module,
         head: nn.Module,
         policy: FinetunePolicy,
+        task: Task,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., dict[str, Any]] | None = None,
-        num_classes: int = 2,
-        label_smoothing: float = 0.0,
-        label_names: list[str] | None = None,
+        task_options: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"module.label_smoothing={label_smoothing} must be in [0, 1).")
-        self.save_hyperparameters(ignore=["backbone", "head", "policy", "optimizer", "scheduler"])
-        self.backbone, self.head, self.policy = backbone, head, policy
+        if task.level == "token" and not isinstance(backbone, TokenBackbone):
+            raise ConfigError(
+                f"data.task={task.name} needs one output per token, and the backbone {type(backbone).__name__} "
+                "gives one vector per example. Use a text backbone (model=minilm, bert, tiny_bert)."
+            )
+        # what rebuilding the run needs: the task, its labels and options (checkpoint hyper-parameters)
+        self.save_hyperparameters(
+            {
+                "task": task.name,
+                "num_classes": task.num_labels,
+                "label_names": task.label_names,
+                "task_options": dict(task_options or {}),
+                **task.hparams(),
+            }
+        )
+        self.backbone, self.head, self.policy, self.task = backbone, head, policy, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.fixed = policy.prepare(backbone)  # re-init, PEFT wrapping: before the groups are built
         self.groups = build_groups(backbone, head)
@@ -87,12 +76,11 @@ class ClassificationModule(pl.LightningModule):
         self.keep_grad: set[str] = set()
         self.apply_policy(epoch=0)
         # ModuleDict keys cannot be "train" (an nn.Module method), hence the suffix
-        self.metrics: Any = nn.ModuleDict({f"{stage}_metrics": make_metrics(num_classes) for stage in STAGES})
+        self.metrics: Any = nn.ModuleDict({f"{stage}_metrics": task.metrics() for stage in STAGES})
         # the epoch's mean loss per stage, weighted by batch size and reduced across ranks (no per-step self.log)
         self.losses: Any = nn.ModuleDict(
             {f"{stage}_loss": torchmetrics.MeanMetric(nan_strategy="disable") for stage in STAGES}
         )
-        self.regression = num_classes == 1
 
     # --- fine-tuning policy -------------------------------------------------------------------------------------
     def apply_policy(self, epoch: int) -> None:
@@ -103,7 +91,7 @@ class ClassificationModule(pl.LightningModule):
         if self.training:
             self.train(True)
 
-    def train(self, mode: bool = True) -> ClassificationModule:
+    def train(self, mode: bool = True) -> FinetuneModule:
         super().train(mode)
         if mode:  # Module.train() turned every submodule to train mode: frozen groups go back to eval
             set_frozen_modes(self.groups, self.frozen, self.policy.train_bn, self.policy.frozen_dropout)
@@ -146,40 +134,39 @@ class ClassificationModule(pl.LightningModule):
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # --- steps --------------------------------------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of shape (B, num_classes); (B,) for regression."""
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The head's input: pooled (B, H), or per token (B, T, H) for token-level tasks."""
         # cached features of a frozen backbone (ftlab.finetuning.feature_cache) go straight to the head
         if "features" in batch:
-            features = batch["features"]
-        elif "hidden_states" in batch:  # the cached output of the frozen bottom groups: run the rest
-            backbone: Any = self.backbone  # a backbone that can_split() (HFTextBackbone)
-            features = backbone.forward_from(
-                int(batch["start_group"]), batch["hidden_states"], batch["attention_mask"]
+            return batch["features"]
+        if "hidden_states" in batch:  # the cached output of the frozen bottom groups: run the rest
+            backbone = self.backbone
+            if not isinstance(backbone, SplittableBackbone):
+                raise TypeError(f"{type(backbone).__name__} cannot run from cached hidden states")
+            pool = self.task.level == "sequence"
+            return backbone.forward_from(
+                int(batch["start_group"]), batch["hidden_states"], batch["attention_mask"], pool
             )
-        else:
-            features = self.backbone(batch)
-        logits = self.head(features)
-        return logits.squeeze(-1) if self.regression else logits
+        if self.task.level == "token":
+            return self.backbone.token_features(batch)
+        return self.backbone(batch)
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.regression:
-            return F.mse_loss(logits, labels.to(logits.dtype))
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams["label_smoothing"])
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task's logits: (B, C); (B,) for regression; (B, T, C) for token classification."""
+        return self.task.shape_logits(self.head(self.features(batch)))
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)
-        loss = self.loss(logits, batch["labels"])
+        loss = self.task.loss(logits, batch["labels"])
         # Metric and loss states are updated per step and computed (and synced across ranks) once per epoch: no
         # self.log per step, which costs ~1 ms of Python (Lightning's result collection) for a value written only
         # every log_every_n_steps.
         detached = logits.detach()
-        self.metrics[f"{stage}_metrics"].update(
-            detached if self.regression else detached.argmax(-1), batch["labels"]
-        )
+        self.task.update_metrics(self.metrics[f"{stage}_metrics"], detached, batch["labels"])
         # the batch mean repeated per example = weighted by batch size; MeanMetric's own `weight` argument is
         # ignored under nan_strategy="disable" (torchmetrics 1.9), the setting that spares a host sync per step
         value = loss.detach()
-        self.losses[f"{stage}_loss"].update(value.expand(len(logits)))
+        self.losses[f"{stage}_loss"].update(value.expand(len(batch["labels"])))
         if stage == "train" and self._writes_step_logs():
             self.log("train/loss_step", value, on_step=True, on_epoch=False, prog_bar=True)
         return loss
@@ -242,3 +229,7 @@ class ClassificationModule(pl.LightningModule):
             optimizer, total_steps=int(self.trainer.estimated_stepping_batches)
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+# the name configs and older code use; the module is not specific to classification
+ClassificationModule = FinetuneModule

@@ -18,8 +18,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ftlab.models.module import ClassificationModule
+from ftlab.models.module import FinetuneModule
 from ftlab.runs import folder
+from ftlab.tasks import build_task
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class LoadedRun:
     run_dir: Path
     cfg: DictConfig
     ckpt_path: Path
-    module: ClassificationModule
+    module: FinetuneModule
 
     @property
     def label_names(self) -> list[str] | None:
@@ -78,20 +79,28 @@ def build_module(
     num_classes: int,
     label_names: list[str] | None,
     make: Callable[..., Any] = instantiate,
-) -> ClassificationModule:
-    """Head, fine-tuning policy and :class:`ClassificationModule` around ``backbone``: what ``train`` runs and what
+    task: str | None = None,
+    class_counts: list[int] | None = None,
+) -> FinetuneModule:
+    """Task, head, fine-tuning policy and :class:`FinetuneModule` around ``backbone``: what ``train`` runs and what
     eval/predict/export rebuild (the policy matters: a PEFT policy wraps the backbone, so the state dict keys
-    follow it). ``make`` instantiates the user's head and policy (``train`` unwraps their errors)."""
-    head = make(cfg.model.head, in_features=backbone.out_features, num_classes=num_classes)
-    return ClassificationModule(
+    follow it). ``task`` defaults to ``cfg.data.task``; ``class_counts`` (training examples per class) feed
+    ``module.class_weights=balanced`` when training, and a rebuilt run reads the weights from its checkpoint.
+    ``make`` instantiates the user's head and policy (``train`` unwraps their errors)."""
+    options = OmegaConf.to_container(cfg.get("module") or {}, resolve=True)
+    assert isinstance(options, dict)
+    the_task = build_task(
+        task or cfg.data.get("task", "classification"), num_classes, label_names, options, class_counts
+    )
+    head = make(cfg.model.head, in_features=backbone.out_features, num_classes=the_task.num_outputs)
+    return FinetuneModule(
         backbone,
         head,
         make(cfg.finetune),
+        the_task,
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        num_classes=num_classes,
-        label_names=label_names,
-        **cfg.module,
+        task_options=options,
     )
 
 
@@ -134,11 +143,13 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
     hparams = checkpoint.get("hyper_parameters") or {}
     if "num_classes" not in hparams or "state_dict" not in checkpoint:
         raise ConfigError(
-            f"{ckpt_path} is not a checkpoint of an ftlab ClassificationModule (no num_classes hyper-parameter "
-            "or no state_dict)."
+            f"{ckpt_path} is not a checkpoint of an ftlab module (no num_classes hyper-parameter or no "
+            "state_dict)."
         )
     backbone = instantiate(offline_backbone_config(cfg))
-    module = build_module(cfg, backbone, int(hparams["num_classes"]), hparams.get("label_names"))
+    # checkpoints written before the Task interface have no "task": one output was regression
+    task = hparams.get("task") or ("regression" if int(hparams["num_classes"]) == 1 else "classification")
+    module = build_module(cfg, backbone, int(hparams["num_classes"]), hparams.get("label_names"), task=task)
     load_state(module, checkpoint["state_dict"], ckpt_path)
     module.eval()
     return LoadedRun(run_dir, cfg, ckpt_path, module)

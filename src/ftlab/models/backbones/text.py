@@ -85,6 +85,7 @@ class HFTextBackbone(nn.Module):
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
         limit = getattr(config, "max_position_embeddings", 512) or 512
         self.preprocessing = TextPreprocessing(tokenizer=path, max_length=int(limit))
+        self.loaded_checkpoint: str | None = None  # text backbones load no ftlab transfer checkpoint
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """``embeddings``, ``layer.0`` ... ``layer.{n-1}``, then ``pooler`` if kept; leftovers join the top layer."""
@@ -115,6 +116,10 @@ class HFTextBackbone(nn.Module):
             return out.pooler_output
         return self._pool(out.last_hidden_state, batch["attention_mask"])
 
+    def token_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last layer's hidden states, one vector per token: (batch, tokens, hidden)."""
+        return self.model(**{k: batch[k] for k in self.input_names if k in batch}).last_hidden_state
+
     # --- split at a layer group (the feature cache runs a frozen prefix once, the rest every step) ------------
     def can_split(self) -> bool:
         """Whether :meth:`forward_until` / :meth:`forward_from` work: BERT-style encoders of transformers 5."""
@@ -143,12 +148,17 @@ class HFTextBackbone(nn.Module):
             hidden = block(hidden, mask)
         return hidden
 
-    def forward_from(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled features (B, H) from ``forward_until(start, ...)``'s hidden states: runs groups ``start`` and up."""
+    def forward_from(
+        self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor, pool: bool = True
+    ) -> torch.Tensor:
+        """From ``forward_until(start, ...)``'s hidden states, run groups ``start`` and up: pooled features (B, H),
+        or with ``pool=False`` the last layer per token (B, T, H)."""
         model = self.model
         mask = self._mask(hidden, attention_mask)
         for block in model.encoder.layer[start - 1 :]:
             hidden = block(hidden, mask)
+        if not pool:
+            return hidden
         if self.pooling == "pooler":
             return model.pooler(hidden)
         return self._pool(hidden, attention_mask)
