@@ -1,15 +1,15 @@
 """``ftlab-export``: a run's checkpoint as a deployable file, checked against the checkpoint by running it.
 
     ftlab-export run=<run folder> format=onnx          # model.onnx: dynamic batch and sequence axes, output "logits"
-    ftlab-export run=<run folder> format=torchscript   # model.pt: torch.jit.load(...)(input_ids, attention_mask)
+    ftlab-export run=<run folder> format=pt2           # model.pt2: torch.export.load(...).module()(input_ids, ...)
     ftlab-export run=<run folder> format=hf            # save_pretrained folder for AutoModelForSequenceClassification
-    ftlab-export run=<run folder> compress=int8        # dynamic int8 Linear layers: accuracy, size, latency
+    ftlab-export run=<run folder> compress=int8        # ONNX Runtime dynamic int8: accuracy, size, latency
     ftlab-export run=<run folder> compress=prune prune.fraction=0.5 [prune.finetune_epochs=1]
 
 Writes into ``<run>/export/<format>/`` (``<run>/export/<int8|prune>/`` with ``compress``), never over the run's
 own files. PEFT adapters are merged into the backbone first. Each written file is loaded back with its own runtime
-(transformers / ``torch.jit`` / onnxruntime) and run on real test examples; the largest absolute logit difference
-from the checkpoint is reported and must be within ``tolerance``. ``export.json`` records the check.
+(transformers / ``torch.export.load`` / onnxruntime) and run on real test examples; the largest absolute logit
+difference from the checkpoint is reported and must be within ``tolerance``. ``export.json`` records the check.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def export_format(cfg: DictConfig, run: rebuild.LoadedRun) -> dict[str, Any]:
         max_length=int(run.cfg.data.get("max_length", 512)),
     )
     diff = formats.max_abs_diff(expected, got)
+    task = module.task  # decoded predictions compared the task's way (argmax, thresholds, tags)
     same_labels = all(
-        torch.equal(e.argmax(-1), torch.as_tensor(g).argmax(-1)) for e, g in zip(expected, got, strict=True)
+        task.same_predictions(e, torch.as_tensor(g)) for e, g in zip(expected, got, strict=True)
     )
     record = {
         "format": cfg.format,

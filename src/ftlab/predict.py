@@ -12,12 +12,10 @@ Writes one row per input (``input``, ``label``, ``probability`` and the top-k la
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
-import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig
@@ -31,10 +29,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 TABLE_SUFFIXES = tuple(FILE_FORMATS)
 
 
-def is_image_run(run: rebuild.LoadedRun) -> bool:
-    return hasattr(run.module.backbone.preprocessing, "input_size")
-
-
 def _image_files(path: Path) -> list[str]:
     files = (
         sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
@@ -44,11 +38,12 @@ def _image_files(path: Path) -> list[str]:
     return [str(p) for p in files]
 
 
-def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun) -> tuple[list[str], list[str] | None]:
-    """The examples (texts or image paths) and, for pair tasks, the second texts."""
+def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun, modality: str) -> tuple[list[str], list[str] | None]:
+    """The examples (texts or image paths, as the data module's ``modality`` says) and, for pairs, the second texts."""
+    images = modality == "image"
     inputs = cfg.inputs
     if isinstance(inputs, ListConfig | list | tuple):
-        if is_image_run(run):
+        if images:
             return [p for item in inputs for p in _image_files(Path(str(item)).expanduser())], None
         return [str(x) for x in inputs], None
     path = Path(str(inputs)).expanduser()
@@ -57,7 +52,7 @@ def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun) -> tuple[list[str], lis
             f"inputs={inputs!r}: no such file or folder. Give a .txt file (one example per line), a table "
             f'({", ".join(TABLE_SUFFIXES)}), image files or a folder, or strings as a list: inputs=\'["a","b"]\'.'
         )
-    if is_image_run(run):
+    if images:
         return _image_files(path), None
     data = run.cfg.data
     pair_column = cfg.get("pair_column") or data.get("text_pair_column")
@@ -79,60 +74,25 @@ def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun) -> tuple[list[str], lis
     return texts, table[pair_column].astype(str).tolist() if pair_column else None
 
 
-def text_batches(
-    run: rebuild.LoadedRun, texts: list[str], pairs: list[str] | None, batch_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Tokenized as in training: the run's tokenizer, truncation at ``data.max_length``, padding per batch."""
-    from ftlab.data.text import load_tokenizer
-
-    preprocessing: Any = run.module.backbone.preprocessing
-    tokenizer = load_tokenizer(preprocessing.tokenizer)
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenizer(
-            texts[start : start + batch_size],
-            pairs[start : start + batch_size] if pairs else None,
-            truncation=True,
-            max_length=int(run.cfg.data.max_length),
-            padding=True,
-            return_token_type_ids=pairs is not None,
-            return_tensors="pt",
-        )
-        yield dict(encoded)
-
-
-def image_batches(
-    run: rebuild.LoadedRun, paths: list[str], batch_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Read and transformed as the run's validation/test images (no augmentation)."""
-    from ftlab.data.image import ImageDataset, build_transform
-
-    preprocessing: Any = run.module.backbone.preprocessing
-    transform = build_transform(preprocessing, "none", train=False)
-    dataset = ImageDataset(np.asarray(paths, dtype=object), np.zeros(len(paths), dtype=np.int64), transform)
-    for start in range(0, len(paths), batch_size):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(paths)))]
-        yield {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
-
-
-def prediction_rows(
-    inputs: list[str], logits: torch.Tensor, names: list[str] | None, top_k: int
+def predict_rows(
+    run: rebuild.LoadedRun,
+    datamodule: Any,
+    examples: list[str],
+    pairs: list[str] | None,
+    batch_size: int,
+    top_k: int,
+    device: torch.device,
 ) -> list[dict[str, Any]]:
-    """One row per input: the label, its probability and the top-k labels/probabilities (value for regression)."""
-    if logits.ndim == 1:  # regression
-        return [{"input": x, "value": float(v)} for x, v in zip(inputs, logits.tolist(), strict=True)]
-    names = names or [str(i) for i in range(logits.shape[-1])]
-    probs = logits.float().softmax(-1)
-    top_p, top_i = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
-    rows = []
-    for x, p_row, i_row in zip(inputs, top_p.tolist(), top_i.tolist(), strict=True):
-        rows.append(
-            {
-                "input": x,
-                "label": names[i_row[0]],
-                "probability": p_row[0],
-                "top_k": [{"label": names[i], "probability": p} for i, p in zip(i_row, p_row, strict=True)],
-            }
-        )
+    """Encoded by the run's data module exactly as training encoded its examples, decoded by the run's task."""
+    module = run.module.to(device).eval()
+    collate = datamodule.collator(cuda=device.type == "cuda")
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            items = datamodule.encode(chunk, pairs[start : start + batch_size] if pairs else None)
+            batch = {k: v.to(device) for k, v in collate(items).items()}
+            rows += module.task.decode(module(batch).float().cpu(), items, top_k)
     return rows
 
 
@@ -148,8 +108,21 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
         extra = {}
         for k, item in enumerate(row.get("top_k", []), start=1):
             extra.update({f"top{k}_label": item["label"], f"top{k}_probability": item["probability"]})
-        flat.append({**{k: v for k, v in row.items() if k != "top_k"}, **extra})
+        # label sets, tags and entity spans as JSON in their cell
+        plain = {
+            k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items() if k != "top_k"
+        }
+        flat.append({**plain, **extra})
     pd.DataFrame(flat).to_csv(path, index=False)
+
+
+def _shown(row: dict[str, Any]) -> str:
+    """A row's prediction in a few characters for the console."""
+    if "label" in row:
+        return f"{row['label']:<12} {row['probability']:.3f}"
+    if "value" in row:
+        return f"{row['value']:.4f}"
+    return json.dumps({k: v for k, v in row.items() if k != "input"})[:40]
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
@@ -158,16 +131,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"top_k={cfg.top_k} and batch_size={cfg.batch_size} must be at least 1.")
     device = pick_device(cfg.device)
     run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
-    examples, pairs = read_inputs(cfg, run)
+    datamodule = rebuild.datamodule_for(run, setup=False)  # its preprocessing only: no training data is read
+    examples, pairs = read_inputs(cfg, run, datamodule.modality)
     if not examples:
         raise DataError(f"inputs={cfg.inputs}: there is nothing to predict (no non-empty example).")
-    if is_image_run(run):
-        loader = image_batches(run, examples, int(cfg.batch_size))
-    else:
-        loader = text_batches(run, examples, pairs, int(cfg.batch_size))
-    module = run.module.to(device)
-    logits = torch.cat([out.float().cpu() for _, out in rebuild.batches(module, loader, device)])
-    rows = prediction_rows(examples, logits, run.label_names, int(cfg.top_k))
+    rows = predict_rows(run, datamodule, examples, pairs, int(cfg.batch_size), int(cfg.top_k), device)
     output = (
         Path(cfg.output).expanduser()
         if cfg.get("output")
@@ -175,8 +143,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     )
     write_rows(rows, output)
     for row in rows[:10]:
-        shown = f"{row['label']:<12} {row['probability']:.3f}" if "label" in row else f"{row['value']:.4f}"
-        print(f"  {shown}  {row['input'][:70]}")
+        print(f"  {_shown(row)}  {str(row['input'])[:70]}")
     print(f"\nftlab predict: {len(rows)} predictions written to {output}\n", flush=True)
     return {"output": str(output), "examples": len(rows)}
 

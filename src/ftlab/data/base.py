@@ -34,9 +34,14 @@ class TensorDictDataModule(pl.LightningDataModule):
 class ClassificationDataModule(TensorDictDataModule):
     """Base of the data modules: subclasses fill ``label_map`` and ``datasets`` (train/validation/test) in ``setup``.
 
-    Training batches come in an order that is a function of (seed, epoch) (``_train_sampler``), so a resumed run
-    sees the batches the uninterrupted run would.
+    The public API that training, prediction and the feature cache all use: ``train_sampler(dataset)``,
+    ``collator(cuda)``, ``encode(raw inputs)``, ``modality`` (``text`` or ``image``: what raw inputs are), ``task``,
+    ``num_classes``, ``label_names``, ``class_counts()``. Training batches come in an order that is a function of
+    (seed, epoch) (``train_sampler``), so a resumed run sees the batches the uninterrupted run would.
     """
+
+    modality = "text"
+    task = "classification"
 
     def __init__(
         self,
@@ -110,12 +115,23 @@ class ClassificationDataModule(TensorDictDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _train_sampler(self, dataset: Dataset) -> Sampler[int]:
+    def train_sampler(self, dataset: Dataset) -> Sampler[int]:
         return SeededShuffleSampler(len(dataset), self.seed, self._epoch())  # type: ignore[arg-type]
 
-    def _collate(self, cuda: bool | None = None) -> Any:
+    def collator(self, cuda: bool | None = None) -> Any:
         """The collator the loaders use (subclasses may adapt it to a CUDA device or not; default: the trainer's)."""
         return self.collate
+
+    def feature_cache_blocker(self) -> str | None:
+        """Why a frozen backbone's outputs on this data cannot be cached (inputs that change between epochs, or
+        datasets without a ``digest``), or ``None`` when they can."""
+        return f"feature caching has no key for {type(self).__name__} data"
+
+    def encode(self, inputs: list[Any], pairs: list[str] | None = None) -> list[dict[str, Any]]:
+        """Raw inputs (texts, text pairs, image paths) as items the :meth:`collator` batches, encoded exactly as
+        training encodes its examples; each item keeps its raw input under ``"input"``. Works without ``setup``:
+        prediction needs the preprocessing, not the training data."""
+        raise NotImplementedError(f"{type(self).__name__} does not encode raw inputs")
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup("fit")
@@ -123,8 +139,8 @@ class ClassificationDataModule(TensorDictDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=self._train_sampler(dataset) if shuffle else None,
-            collate_fn=self._collate(),
+            sampler=self.train_sampler(dataset) if shuffle else None,
+            collate_fn=self.collator(),
             **loader_settings(self.num_workers, self.pin_memory, self.trainer),
         )
 

@@ -104,9 +104,33 @@ class ImageDataset(Dataset):
         except OSError as err:
             raise DataError(f"The image {item} cannot be read ({err}). Remove or replace the file.") from err
 
+    def digest(self, digest: Any) -> None:
+        """Feed pixels (or the files' paths, sizes and times), labels and the transform into a hashlib ``digest``."""
+        import os
+
+        if self.images.dtype == object:  # paths: a changed file changes its size or modification time
+            for path in self.images:
+                stat = os.stat(path)
+                digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        else:
+            digest.update(str(self.images.shape).encode())
+            digest.update(np.ascontiguousarray(self.images).tobytes())
+        digest.update(np.asarray(self.labels).tobytes())
+        digest.update(repr(self.transform).encode())  # input size, resize/crop, normalisation
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pixels = self.transform(self._read(index))
         return {"pixel_values": pixels, "labels": torch.as_tensor(self.labels[index], dtype=torch.long)}
+
+
+class ImageCollator:
+    """Stacks ``pixel_values`` (and ``labels`` when the items have them); other item keys are not batched."""
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {"pixel_values": torch.stack([item["pixel_values"] for item in items])}
+        if "labels" in items[0]:
+            batch["labels"] = torch.stack([torch.as_tensor(item["labels"]) for item in items])
+        return batch
 
 
 class ImageClassificationDataModule(ClassificationDataModule):
@@ -118,6 +142,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         root, val_root, test_root: folders for ``image_folder`` (``<root>/<class>/<image>``); ``root`` is also
             where a ``torchvision`` dataset lies (or is downloaded to).
         name, download: the ``torchvision.datasets`` class name and whether it may be downloaded.
+        options: other arguments of that torchvision class (e.g. ``{partition: 3}`` for DTD).
         classes: keep only these classes, re-indexed in this order (e.g. digits 5-9 become ids 0-4).
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
@@ -128,6 +153,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
             ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
     """
 
+    modality = "image"
     task = "classification"
 
     def __init__(
@@ -139,6 +165,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         test_root: str | None = None,
         name: str | None = None,
         download: bool = False,
+        options: dict[str, Any] | None = None,
         classes: list[Any] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -160,11 +187,26 @@ class ImageClassificationDataModule(ClassificationDataModule):
             raise ConfigError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTATIONS)}.")
         self.preprocessing, self.source = preprocessing, source
         self.source_args: dict[str, Any] = dict(
-            root=root, val_root=val_root, test_root=test_root, name=name, download=download
+            root=root, val_root=val_root, test_root=test_root, name=name, download=download, options=options
         )
         self.keep_classes = [str(c) for c in classes] if classes is not None else None
         self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
         self.augment = augment
+        self.collate = ImageCollator()
+
+    def feature_cache_blocker(self) -> str | None:
+        if self.augment != "none":
+            return f"data.augment={self.augment} changes the frozen layers' input every epoch"
+        return None
+
+    def encode(self, inputs: list[Any], pairs: list[str] | None = None) -> list[dict[str, Any]]:
+        """Image files read and transformed as the validation/test images are (no augmentation)."""
+        transform = build_transform(self.preprocessing, "none", train=False)
+        paths = [str(path) for path in inputs]
+        dataset = ImageDataset(
+            np.asarray(paths, dtype=object), np.zeros(len(paths), dtype=np.int64), transform
+        )
+        return [{"pixel_values": dataset[i]["pixel_values"], "input": path} for i, path in enumerate(paths)]
 
     def _load(self) -> dict[str, Split]:
         args = self.source_args
@@ -172,7 +214,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
             return load_embedded(self.source)
         if self.source == "image_folder":
             return load_image_folder(args["root"], args["val_root"], args["test_root"])
-        return load_torchvision(args["name"], args["root"], bool(args["download"]))
+        return load_torchvision(args["name"], args["root"], bool(args["download"]), args["options"])
 
     def _keep(self, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
         if self.keep_classes is None:

@@ -57,6 +57,12 @@ class TokenizedText(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def digest(self, digest: Any) -> None:
+        """Feed the token ids, token types and labels into a hashlib ``digest`` (the feature cache's key)."""
+        for array in (self.ids, self.offsets, self.type_ids, self.labels):
+            if array is not None:
+                digest.update(np.ascontiguousarray(array).tobytes())
+
     def length(self, index: int) -> int:
         return int(self.offsets[index + 1] - self.offsets[index])
 
@@ -94,7 +100,8 @@ class PadCollator:
             for row, item in enumerate(items):
                 types[row, : len(item["token_type_ids"])] = item["token_type_ids"]
             batch["token_type_ids"] = torch.from_numpy(types)
-        batch["labels"] = torch.as_tensor(np.asarray([item["labels"] for item in items]))
+        if "labels" in items[0]:  # items of raw inputs to predict have none
+            batch["labels"] = torch.as_tensor(np.asarray([item["labels"] for item in items]))
         return batch
 
 
@@ -245,6 +252,39 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.bucketing, self.padding = bucketing, padding
         self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The backbone's tokenizer, loaded once."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.preprocessing.tokenizer)
+        return self._tokenizer
+
+    def _base_collate(self) -> PadCollator:
+        if self.collate is None:
+            width = self.max_length if self.padding == "max_length" else None
+            self.collate = PadCollator(self.tokenizer.pad_token_id or 0, width, cap=self.max_length)
+        return self.collate
+
+    def feature_cache_blocker(self) -> str | None:
+        return None  # tokenized once: the same ids every epoch
+
+    def encode(self, inputs: list[Any], pairs: list[str] | None = None) -> list[dict[str, Any]]:
+        """Texts (and second texts of pairs) tokenized as training tokenizes: same tokenizer, truncation at
+        ``max_length``, token types for pairs; :meth:`collator` pads them as training batches are padded."""
+        texts = [str(text) for text in inputs]
+        arrays = tokenize_cached(self.tokenizer, texts, pairs, self.max_length, None)
+        dataset = TokenizedText(arrays, np.zeros(len(texts), dtype=np.int64))
+        items = []
+        for i, text in enumerate(texts):
+            item = dataset[i]
+            del item["labels"]
+            item["input"] = text
+            if pairs is not None:
+                item["pair"] = pairs[i]
+            items.append(item)
+        return items
 
     def _split(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
@@ -290,9 +330,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         tables = self._split(tables)
         label = self.columns["label_column"]
         self.label_map = LabelMap.from_train(tables["train"][label].tolist(), self.task, self.keep_labels)
-        tokenizer = load_tokenizer(self.preprocessing.tokenizer)
-        width = self.max_length if self.padding == "max_length" else None
-        self.collate = PadCollator(tokenizer.pad_token_id or 0, width, cap=self.max_length)
+        tokenizer = self.tokenizer
+        self._base_collate()
         for split in SPLITS:
             frame = tables[split]
             labels = self.label_map.encode(frame[label].tolist(), split, f"data.label_column={label!r}")
@@ -306,17 +345,18 @@ class TextClassificationDataModule(ClassificationDataModule):
             "Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes
         )
 
-    def _collate(self, cuda: bool | None = None) -> PadCollator:
+    def collator(self, cuda: bool | None = None) -> PadCollator:
         """``self.collate`` with ``pad_to_multiple_of`` resolved for a CUDA device or not (default: the attached
         trainer's device)."""
         multiple = pad_multiple(self.pad_to_multiple_of, on_cuda(self.trainer) if cuda is None else cuda)
-        if multiple == self.collate.multiple:
-            return self.collate
-        return PadCollator(self.collate.pad_id, self.collate.width, multiple, self.collate.cap)
+        collate = self._base_collate()
+        if multiple == collate.multiple:
+            return collate
+        return PadCollator(collate.pad_id, collate.width, multiple, collate.cap)
 
-    def _train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
+    def train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
         if not self.bucketing:
-            return super()._train_sampler(dataset)
+            return super().train_sampler(dataset)
         trainer, epoch = self.trainer, self._epoch()
         # under DDP each rank takes its slice of every bucket (see LengthBucketSampler); Lightning leaves it as is
         return LengthBucketSampler(

@@ -28,12 +28,12 @@ import os
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
+from ftlab.models.backbones.contract import can_split
 from ftlab.utils.devices import loader_settings, on_cuda, padded_width
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,36 @@ class HiddenStateCollator:
 
 
 class CachedFeatureDataModule(TensorDictDataModule):
-    """The wrapped text data module's splits as cached features; its training sampler (same batches) is reused."""
+    """The wrapped data module's splits as cached features; its public training sampler (same batches) is reused.
+
+    Only the data module's public API is used (``train_sampler``, ``collator``, loader settings, labels).
+    """
 
     def __init__(self, source: Any, features: dict[str, Any], collate: Any = None):
         super().__init__()
         self.source, self.features, self.collate = source, features, collate
+        self.task, self.modality = source.task, source.modality
+
+    @property
+    def label_map(self) -> Any:
+        return self.source.label_map
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def label_names(self) -> list[str] | None:
+        return self.source.label_names
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = self.features[split]
         if train:
             self.source.trainer = self.trainer  # the sampler reads the epoch and DDP rank from it
-            sampler = self.source._train_sampler(self.source.datasets["train"])
+            sampler = self.source.train_sampler(self.source.datasets["train"])
         collate = self.collate
         if isinstance(collate, HiddenStateCollator):  # widths rounded as the text module's batches would be
-            text = self.source._collate(cuda=on_cuda(self.trainer))
+            text = self.source.collator(cuda=on_cuda(self.trainer))
             collate = HiddenStateCollator(collate.start_group, text.multiple, text.cap)
         return DataLoader(
             dataset,
@@ -127,12 +143,6 @@ class CachedFeatureDataModule(TensorDictDataModule):
     def state_dict(self) -> dict[str, Any]:
         return self.source.state_dict()
 
-    def __getattr__(self, name: str) -> Any:  # num_classes, label_map, ... of the wrapped module
-        source = self.__dict__.get("source")
-        if source is None:
-            raise AttributeError(name)
-        return getattr(source, name)
-
 
 def frozen_prefix(module: Any, max_epochs: int) -> tuple[int, str | None]:
     """``(k, None)`` when the bottom ``k`` backbone groups are frozen and deterministic for the whole run, else
@@ -151,42 +161,16 @@ def frozen_prefix(module: Any, max_epochs: int) -> tuple[int, str | None]:
     frozen_params = [p for g in module.groups[:k] for _, p in g.params]
     if any(p.requires_grad for p in frozen_params):
         return 0, "the frozen groups hold trainable parameters (e.g. PEFT adapters inside them)"
-    if k < len(backbone_groups) and not getattr(module.backbone, "can_split", lambda: False)():
+    if k < len(backbone_groups) and not can_split(module.backbone):
         return 0, f"the backbone cannot be run from layer group {k} (no forward_until/forward_from)"
     return k, None
 
 
 def why_not(module: Any, datamodule: Any, max_epochs: int) -> str | None:
     """The reason the frozen prefix's outputs cannot be cached for this run, or None when they can."""
-    from ftlab.data.image import ImageClassificationDataModule
-    from ftlab.data.text import TextClassificationDataModule
-
     _, reason = frozen_prefix(module, max_epochs)
-    if reason is None and isinstance(datamodule, ImageClassificationDataModule):
-        if datamodule.augment != "none":
-            return f"data.augment={datamodule.augment} changes the frozen layers' input every epoch"
-    elif reason is None and not isinstance(datamodule, TextClassificationDataModule):
-        return f"feature caching has no key for {type(datamodule).__name__} data"
-    return reason
-
-
-def _data_digest(digest: Any, dataset: Any) -> None:
-    """Feed what one split's examples are made of into ``digest``: token ids, or pixels / files and transform."""
-    if hasattr(dataset, "ids"):  # tokenised text
-        for array in (dataset.ids, dataset.offsets, dataset.type_ids, dataset.labels):
-            if array is not None:
-                digest.update(array.tobytes())
-        return
-    images = dataset.images
-    if images.dtype == object:  # paths: a changed file changes its size or modification time
-        for path in images:
-            stat = os.stat(path)
-            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    else:
-        digest.update(str(images.shape).encode())
-        digest.update(np.ascontiguousarray(images).tobytes())
-    digest.update(np.asarray(dataset.labels).tobytes())
-    digest.update(repr(dataset.transform).encode())  # input size, resize/crop, normalisation
+    # the data module says whether its inputs are the same every epoch (no augmentation) and can be keyed
+    return reason or datamodule.feature_cache_blocker()
 
 
 def cache_key(module: Any, datamodule: Any, k: int | None = None) -> str:
@@ -207,7 +191,7 @@ def cache_key(module: Any, datamodule: Any, k: int | None = None) -> str:
     digest.update(repr(sorted(vars(collate).items()) if collate is not None else None).encode())
     for split in sorted(datamodule.datasets):
         digest.update(split.encode())
-        _data_digest(digest, datamodule.datasets[split])
+        datamodule.datasets[split].digest(digest)  # what the split's examples are made of
     return digest.hexdigest()[:32]
 
 
@@ -225,7 +209,7 @@ def _compute(
     backbone.eval().to(device)
     out: dict[str, Any] = {}
     # on a GPU, text widths rounded up as in training (few shapes; padding is masked, and trimmed below)
-    collate = datamodule._collate(cuda=device.type == "cuda")
+    collate = datamodule.collator(cuda=device.type == "cuda")
     for split, dataset in datamodule.datasets.items():
         loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, collate_fn=collate)
         parts, labels = [], []

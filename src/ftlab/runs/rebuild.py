@@ -155,9 +155,10 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
     return LoadedRun(run_dir, cfg, ckpt_path, module)
 
 
-def datamodule_for(run: LoadedRun, data: DictConfig | None = None) -> Any:
+def datamodule_for(run: LoadedRun, data: DictConfig | None = None, setup: bool = True) -> Any:
     """The run's data module (same seeded splits as training), or one from ``data`` whose labels must match.
 
+    ``setup=False``: the module only (to ``encode`` raw inputs), without reading the data.
     ``data`` with a ``_target_`` replaces the run's data config; without one it is merged into it (changed keys).
     Interpolations (``${seed}``, ``${paths.cache_dir}``) resolve against the run's config.
     """
@@ -166,6 +167,8 @@ def datamodule_for(run: LoadedRun, data: DictConfig | None = None) -> Any:
         with open_dict(cfg):
             cfg.data = data if "_target_" in data else OmegaConf.merge(cfg.data, data)
     datamodule = instantiate(cfg.data, preprocessing=run.module.backbone.preprocessing)
+    if not setup:  # prediction encodes raw inputs: the preprocessing is enough, the data need not be there
+        return datamodule
     datamodule.setup("test")
     names = run.label_names
     if names is not None and list(datamodule.label_names or []) != list(names):
