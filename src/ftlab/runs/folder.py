@@ -11,8 +11,10 @@ from typing import Any
 
 from ftlab.utils.errors import ConfigError, DataFileError, FtlabError, ModelLoadError
 
-# conf/ sits at the repository root (the design card's layout); ftlab is installed editable (`make install`).
-CONF_DIR = str(Path(__file__).resolve().parents[3] / "conf")
+# conf/ sits at the repository root (the design card's layout) and installs as the package ftlab.conf
+# (pyproject.toml maps it): Hydra reads it the same way from a clone (editable install) and from a wheel.
+CONF_PACKAGE = "ftlab.conf"
+CONF_DIR = f"pkg://{CONF_PACKAGE}"
 # Every file name of the run folder, named here only.
 METRICS_FILE = "metrics.json"
 LABELS_FILE = "labels.json"
@@ -24,6 +26,13 @@ MULTIRUN_FILE = "multirun.yaml"  # in a sweep folder
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = f"{CHECKPOINT_DIR}/last.ckpt"
 BEST_CKPT = f"{CHECKPOINT_DIR}/best.ckpt"
+
+
+def conf_path() -> Path:
+    """The config tree as a folder: the clone's ``conf/`` (editable install) or the installed package's copy."""
+    from importlib.resources import files
+
+    return Path(str(files(CONF_PACKAGE)))
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
