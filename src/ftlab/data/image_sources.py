@@ -2,24 +2,25 @@
 
 Every loader returns ``{split: (images, labels)}`` with ``train`` always present and ``validation``/``test`` when
 the source has them. ``images`` is either a uint8 array (N, H, W) or (N, H, W, C), kept in memory, or an object
-array of file paths read on access; ``labels`` is a string array of class names.
+array of file paths read on access; ``labels`` is a string array of class names. torchvision datasets are
+read by :mod:`ftlab.data.torchvision_sets` (``load_torchvision``, re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ftlab.data.torchvision_sets import load_torchvision
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 log = logging.getLogger(__name__)
 
 Split = tuple[np.ndarray, np.ndarray]
+__all__ = ["load_embedded", "load_image_folder", "load_torchvision", "check_readable"]
 EMBEDDED_IMAGES = ("mnist5k", "digits", "lfw_faces")
 IMAGE_SOURCES = (*EMBEDDED_IMAGES, "image_folder", "torchvision")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -106,55 +107,4 @@ def load_image_folder(root: str | None, val_root: str | None, test_root: str | N
             splits[split] = _scan_folder(folder, key)
     for paths, _ in splits.values():
         check_readable(paths)
-    return splits
-
-
-def _as_arrays(dataset: object) -> Split:
-    """``data``/``targets`` arrays when the dataset keeps them in memory (MNIST family, CIFAR); else item by item."""
-    classes = list(getattr(dataset, "classes", []) or [])
-    data = getattr(dataset, "data", None)
-    targets = getattr(dataset, "targets", None)
-    if targets is None:
-        targets = getattr(dataset, "labels", None)
-    if data is not None and targets is not None:
-        images = np.asarray(data)
-        if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
-            images = images.transpose(0, 2, 3, 1)  # (N, C, H, W) as SVHN/STL10 keep it -> (N, H, W, C)
-        ids = np.asarray(targets).astype(int)
-    else:
-        items: Any = dataset  # a torchvision dataset: (image, label) by index
-        pairs = [items[i] for i in range(len(items))]
-        images = np.stack([np.asarray(image) for image, _ in pairs])
-        ids = np.asarray([int(label) for _, label in pairs])
-    names = (
-        np.asarray([classes[i] if i < len(classes) else str(i) for i in ids]) if classes else ids.astype(str)
-    )
-    return images.astype(np.uint8), names
-
-
-def load_torchvision(name: str | None, root: str | None, download: bool) -> dict[str, Split]:
-    """A ``torchvision.datasets`` class by name (``CIFAR10``, ``FashionMNIST``, ...) with a train and a test split."""
-    import torchvision.datasets as tvd
-
-    if not name or not hasattr(tvd, name):
-        raise ConfigError(
-            f"data.name={name!r} is not a torchvision dataset class; use a name from torchvision.datasets such as "
-            "CIFAR10, CIFAR100, MNIST, FashionMNIST, KMNIST, SVHN."
-        )
-    if not root:
-        raise ConfigError(
-            "data.root is not set: data=torchvision needs data.root=<folder for the dataset files>."
-        )
-    cls = getattr(tvd, name)
-    params = inspect.signature(cls).parameters
-    splits: dict[str, Split] = {}
-    for split, flag in (("train", True), ("test", False)):
-        kwargs = {"train": flag} if "train" in params else {"split": "train" if flag else "test"}
-        try:
-            splits[split] = _as_arrays(cls(str(Path(root).expanduser()), download=download, **kwargs))
-        except (RuntimeError, OSError) as err:
-            raise DataFileError(
-                f"torchvision dataset {name} could not be loaded from data.root={root!r} ({err}). Set "
-                "data.download=true to fetch it (needs internet), or point data.root at a folder that holds it."
-            ) from err
     return splits
