@@ -121,6 +121,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if backbone.loaded_checkpoint:
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
+    metrics["task"] = module.task.name
     metrics.update(counts)
     metrics.update(
         wall_time_s=round(time.perf_counter() - start, 2),
