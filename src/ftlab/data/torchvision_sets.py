@@ -110,7 +110,8 @@ TORCHVISION_SETS: dict[str, TorchvisionSet] = {
         "categories_places365.txt, places365_*.txt, data_large_standard/, val_large/",
         defaults={"small": False},
     ),
-    "LFWPeople": _named("train - test", "lfw-py/", defaults={"image_set": "funneled"}, get=MANUAL),
+    # Not here: LFWPeople (its splits hold different people, so no class is in both), PCAM (HDF5 files that need
+    # h5py, read whole per item), CelebA (attributes, not one class).
     "SUN397": _whole("SUN397/"),
     "EuroSAT": _whole("eurosat/2750/<class>/"),
     "Caltech101": _whole("caltech101/101_ObjectCategories/"),
@@ -169,6 +170,9 @@ def _arguments(name: str, spec: TorchvisionSet, cls: type, options: dict[str, An
 def _class_names(dataset: Any, spec: TorchvisionSet) -> list[str] | None:
     """The dataset's own class names by id (a tuple of synonyms gives its first); None: ids are the names."""
     names = spec.classes or getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
+    to_index = getattr(dataset, "class_to_idx", None)
+    if not names and isinstance(to_index, dict) and sorted(to_index.values()) == list(range(len(to_index))):
+        names = sorted(to_index, key=to_index.__getitem__)  # a dataset that keeps only a name -> id map
     if not names:
         return None
     return [str(n[0] if isinstance(n, (tuple, list)) else n) for n in names]
@@ -188,9 +192,6 @@ def _paths_and_ids(name: str, dataset: Any) -> tuple[list[Any], list[Any]] | Non
         files = getattr(dataset, attr, None)
         if files is not None and hasattr(dataset, "_labels"):
             return list(files), list(dataset._labels)
-    data = getattr(dataset, "data", None)  # LFWPeople: a list of paths
-    if isinstance(data, list) and (not data or _is_path(data[0])):
-        return data, list(dataset.targets)
     if name in CALTECH_FILES:
         pattern = CALTECH_FILES[name]
         paths = [
