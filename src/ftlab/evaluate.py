@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,14 +68,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> None:
-    folder.exit_on_user_error(evaluate, cfg)
-
-
 def main() -> None:
-    """Console entry point (``ftlab-eval``)."""
-    _hydra_main()
+    """``python -m ftlab.evaluate``, the same as ``ftlab-eval``: ftlab.cli checks the config first."""
+    from ftlab import cli
+
+    cli.evaluate()
 
 
 if __name__ == "__main__":

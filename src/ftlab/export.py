@@ -18,13 +18,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from ftlab.deploy import compress as compression
 from ftlab.deploy import formats
-from ftlab.runs import folder, rebuild
+from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError, FtlabError
 
 
@@ -116,14 +115,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     return export_format(cfg, run)
 
 
-@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    folder.exit_on_user_error(export, cfg)
-
-
 def main() -> None:
-    """Console entry point (``ftlab-export``)."""
-    _hydra_main()
+    """``python -m ftlab.export``, the same as ``ftlab-export``: ftlab.cli checks the config first."""
+    from ftlab import cli
+
+    cli.export()
 
 
 if __name__ == "__main__":

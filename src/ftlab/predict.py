@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig, ListConfig
 
 from ftlab.data.sources import FILE_FORMATS, read_table
 from ftlab.evaluate import pick_device
-from ftlab.runs import folder, rebuild
+from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -148,14 +147,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"output": str(output), "examples": len(rows)}
 
 
-@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    folder.exit_on_user_error(predict, cfg)
-
-
 def main() -> None:
-    """Console entry point (``ftlab-predict``)."""
-    _hydra_main()
+    """``python -m ftlab.predict``, the same as ``ftlab-predict``: ftlab.cli checks the config first."""
+    from ftlab import cli
+
+    cli.predict()
 
 
 if __name__ == "__main__":

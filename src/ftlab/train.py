@@ -6,12 +6,10 @@ Read top to bottom: seed, backbone, data, head, policy, module, trainer, fit, te
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -22,11 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.models.backbones.contract import Backbone
-from ftlab.runs import folder, jobs
+from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
 from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
 from ftlab.utils.devices import resolve_precision
-from ftlab.utils.errors import ConfigError, FtlabError
+from ftlab.utils.errors import ConfigError
 
 log = logging.getLogger("ftlab.train")
 
@@ -139,21 +137,11 @@ def _summary(metrics: dict[str, Any], output_dir: Path) -> None:
     print("\nftlab run finished\n" + "\n".join(lines) + f"\n  run folder       {output_dir}\n", flush=True)
 
 
-@hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    # status.json; in a multirun a failed job returns None and the sweep goes on
-    return folder.exit_on_user_error(jobs.run_job, train, cfg)
-
-
 def main() -> None:
-    """Console entry point; ``resume=<run folder>`` continues that run, ``-m ... resume=<sweep>`` that sweep."""
-    try:
-        folder.refuse_taken_run_dir(sys.argv[1:])
-        sys.argv = [sys.argv[0], *folder.resume_argv(sys.argv[1:])]
-    except FtlabError as err:
-        folder.print_error(err)
-        sys.exit(2)
-    _hydra_main()
+    """``python -m ftlab.train``, the same as ``ftlab-train``: ftlab.cli checks the config first."""
+    from ftlab import cli
+
+    cli.train()
 
 
 if __name__ == "__main__":

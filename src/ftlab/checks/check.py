@@ -100,7 +100,7 @@ def _check_node(path: str, node: DictConfig, owner: str, entry: Spec) -> list[st
             continue
         if key not in params:
             if not entry["var_keyword"]:
-                problems.append(_unknown(full, key, owner, list(params), path))
+                problems.append(_unknown(full, _resolved(node, key), owner, list(params), path))
             continue
         value = _resolved(node, key)
         if value is not _UNRESOLVED and not fits(value, params[key]):
@@ -121,7 +121,8 @@ def _own_keys(cfg: DictConfig, own: dict[str, Any], app: str) -> list[str]:
     for key in (str(k) for k in cfg if k != "hydra"):
         close = difflib.get_close_matches(key, sorted(top), n=1, cutoff=0.8)
         if key not in top and close:  # an extra top-level key may be the user's own (for interpolation)
-            problems.append(f"{key}: ftlab-{app} has no setting {key!r}; did you mean {close[0]}?")
+            shown = _show(_resolved(cfg, key)) if _resolved(cfg, key) is not _UNRESOLVED else "..."
+            problems.append(f"{key}={shown}: ftlab-{app} has no setting {key!r}. Did you mean {close[0]}?")
     for parent in {k.rpartition(".")[0] for k in own["keys"] if "." in k}:
         node = OmegaConf.select(cfg, parent)
         valid = [k.rpartition(".")[2] for k in own["keys"] if k.rpartition(".")[0] == parent]
@@ -133,11 +134,13 @@ def _own_keys(cfg: DictConfig, own: dict[str, Any], app: str) -> list[str]:
     return problems
 
 
-def _unknown(full: str, key: str, owner: str, valid: list[str], parent: str) -> str:
+def _unknown(full: str, value: Any, owner: str, valid: list[str], parent: str) -> str:
+    key = full.rpartition(".")[2]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     hint = f" Did you mean {parent}.{close[0]}?" if close else ""
     listed = f" Valid keys: {', '.join(sorted(valid))}." if len(valid) <= _LISTED_ARGS else ""
-    return f"{full}: {owner} has no argument {key!r}.{hint}{listed} Remove or rename the key."
+    shown = "" if value is _UNRESOLVED else f"={_show(value)}"
+    return f"{full}{shown}: {owner} has no argument {key!r}.{hint}{listed} Remove or rename the key."
 
 
 def _wrong(full: str, value: Any, owner: str, spec: Spec) -> str:

@@ -72,12 +72,19 @@ def _choice(values: list[Any]) -> Spec:
 
 def _union(options: list[Spec]) -> Spec:
     flat: list[Spec] = []
+    choices: list[Any] = []  # Literal[64, 32] | Literal["32-true", ...]: one choice of every value
     for option in options:
         for one in option["options"] if option["kind"] == "union" else [option]:
             if one["kind"] == "any":
                 return ANY
-            if one not in flat:
+            if one["kind"] == "choice":
+                choices += [
+                    v for v in one["values"] if not any(v == c and type(v) is type(c) for c in choices)
+                ]
+            elif one not in flat:
                 flat.append(one)
+    if choices:
+        flat.insert(0, {"kind": "choice", "values": choices})
     return flat[0] if len(flat) == 1 else {"kind": "union", "options": flat}
 
 

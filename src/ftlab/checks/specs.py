@@ -51,7 +51,9 @@ def describe(spec: Spec) -> str:
     """``an integer or null``, ``one of 'cls', 'mean', 'pooler'``, ``a list of strings`` ..."""
     kind = spec["kind"]
     if kind == "union":
-        options = sorted(spec["options"], key=lambda s: s["kind"] == "none")  # "or null" reads best last
+        # an object option (a tensor, a strategy instance) is not what a person types: named only if alone
+        options = [o for o in spec["options"] if o["kind"] != "object"] or spec["options"]
+        options = sorted(options, key=lambda s: s["kind"] == "none")  # "or null" reads best last
         return " or ".join(describe(option) for option in options)
     if kind == "choice":
         return "one of " + ", ".join(_show(v) for v in spec["values"])
