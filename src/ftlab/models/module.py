@@ -22,7 +22,7 @@ from ftlab.finetuning.groups import (
 from ftlab.finetuning.policy import FinetunePolicy
 from ftlab.models.backbones.contract import SplittableBackbone, TokenBackbone
 from ftlab.models.clipping import clip_in_fused_step, fused_clipping_applies
-from ftlab.tasks import Task
+from ftlab.tasks import ClassificationTask, RegressionTask, Task
 from ftlab.utils.errors import ConfigError
 
 STAGES = ("train", "val", "test")
@@ -155,9 +155,13 @@ class FinetuneModule(pl.LightningModule):
         """The task's logits: (B, C); (B,) for regression; (B, T, C) for token classification."""
         return self.task.shape_logits(self.head(self.features(batch)))
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task's loss (the training step's, and handy in a hand-written loop)."""
+        return self.task.loss(logits, labels)
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)
-        loss = self.task.loss(logits, batch["labels"])
+        loss = self.loss(logits, batch["labels"])
         # Metric and loss states are updated per step and computed (and synced across ranks) once per epoch: no
         # self.log per step, which costs ~1 ms of Python (Lightning's result collection) for a value written only
         # every log_every_n_steps.
@@ -190,13 +194,15 @@ class FinetuneModule(pl.LightningModule):
 
     def _log_epoch_metrics(self, stage: str) -> None:
         values = self.metrics[f"{stage}_metrics"].compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        # torchmetrics already reduced the values over all ranks; sync_dist says so to Lightning (its mean over
+        # equal values is exact) and spares the epoch-level-logging-without-sync_dist warning under DDP
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val", sync_dist=True)
         self.metrics[f"{stage}_metrics"].reset()
         # the names Lightning gave the loss when it was logged per step: train/loss_epoch beside train/loss_step
         loss = self.losses[f"{stage}_loss"]
         if loss.update_count:
             name = "train/loss_epoch" if stage == "train" else f"{stage}/loss"
-            self.log(name, loss.compute(), prog_bar=stage == "train")
+            self.log(name, loss.compute(), prog_bar=stage == "train", sync_dist=True)
         loss.reset()
 
     def on_train_epoch_end(self) -> None:
@@ -231,5 +237,32 @@ class FinetuneModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-# the name configs and older code use; the module is not specific to classification
-ClassificationModule = FinetuneModule
+class ClassificationModule(FinetuneModule):
+    """:class:`FinetuneModule` with its task built from plain arguments: classification with ``num_classes``
+    outputs, or regression when ``num_classes == 1`` (the Python API from before tasks were chosen by config).
+
+    Args:
+        num_classes: the head's outputs; 1 means regression.
+        label_smoothing: for cross-entropy.
+        label_names: saved in the checkpoint so evaluation and prediction name classes as training did.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module,
+        policy: FinetunePolicy,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., dict[str, Any]] | None = None,
+        num_classes: int = 2,
+        label_smoothing: float = 0.0,
+        label_names: list[str] | None = None,
+    ):
+        task: Task = (
+            RegressionTask()
+            if num_classes == 1
+            else ClassificationTask(num_classes, label_names, label_smoothing=label_smoothing)
+        )
+        super().__init__(
+            backbone, head, policy, task, optimizer, scheduler, {"label_smoothing": label_smoothing}
+        )
