@@ -107,6 +107,21 @@ def test_dtd_partition_is_an_option(tmp_path):
     assert (len(second.datasets["train"]), len(second.datasets["test"])) == (6, 15)
 
 
+def test_a_split_without_labels_is_cut_from_train_instead(tmp_path, monkeypatch):
+    """FER2013 from train.csv and test.csv: the test rows carry no emotion, so test comes out of train."""
+    folder = tmp_path / "fer2013"
+    folder.mkdir()
+    grey = " ".join(["128"] * 48 * 48)
+    (folder / "train.csv").write_text("emotion,pixels\n" + "".join(f"{i % 3},{grey}\n" for i in range(15)))
+    (folder / "test.csv").write_text("pixels\n" + f"{grey}\n" * 4)
+    monkeypatch.setattr(
+        "torchvision.datasets.fer2013.check_integrity", lambda path, md5=None: os.path.isfile(path)
+    )
+    dm = datamodule("FER2013", tmp_path)
+    assert {split: len(d) for split, d in dm.datasets.items()} == {"train": 9, "validation": 3, "test": 3}
+    assert dm.label_names == ["angry", "disgust", "fear"]
+
+
 def test_data_module_holds_paths_not_pixels(tmp_path):
     """Setup on 200 images costs no more memory than on 20: nothing is decoded until an item is read."""
     peaks = []
@@ -144,11 +159,12 @@ def test_options_that_ftlab_sets_or_the_class_lacks_are_refused(tmp_path):
             datamodule("DTD", tmp_path, options=options)
 
 
-def test_every_table_entry_is_a_torchvision_class_with_its_split_argument():
+def test_every_table_entry_has_a_fake_copy_and_its_split_argument():
     import torchvision.datasets as tvd
 
     from ftlab.data.torchvision_sets import _parameters
 
+    assert set(WRITERS) == set(TORCHVISION_SETS)  # each dataset ftlab offers is read from a fake copy above
     for name, spec in TORCHVISION_SETS.items():
         params = _parameters(getattr(tvd, name))
         assert "train" in spec.splits, name

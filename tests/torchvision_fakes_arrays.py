@@ -51,6 +51,19 @@ def mnist_like(folder: str, names: list[str], emnist: str | None = None):
     return write
 
 
+def qmnist(root: Path) -> Fake:
+    """QMNIST/raw/qmnist-{train,test}-images-idx3-ubyte and -labels-idx2-int: 8 int32 columns a row, class first."""
+    raw = root / "QMNIST" / "raw"
+    for split, count in (("train", TRAIN), ("test", TEST)):
+        labels = _labels(count)
+        _idx(raw, f"qmnist-{split}", labels)  # the images file; its labels-idx1 twin is unused
+        columns = np.zeros((len(labels), 8), dtype=">i4")
+        columns[:, 0] = labels
+        header = struct.pack(">IIII", 0x0C02, len(labels), 8, 0)[:12]  # int32 (0x0C), 2 dimensions
+        (raw / f"qmnist-{split}-labels-idx2-int").write_bytes(header + columns.tobytes())
+    return _cut(TRAIN, None, TEST, ["0 - zero", "1 - one", "2 - two"])
+
+
 def cifar(hundred: bool):
     """cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta} or cifar-100-python/{train,test,meta}."""
 
@@ -144,6 +157,7 @@ ARRAY_WRITERS = {
     "MNIST": mnist_like("MNIST", ["0 - zero", "1 - one", "2 - two"]),
     "FashionMNIST": mnist_like("FashionMNIST", ["T-shirt/top", "Trouser", "Pullover"]),
     "KMNIST": mnist_like("KMNIST", ["o", "ki", "su"]),
+    "QMNIST": qmnist,
     "EMNIST": mnist_like("EMNIST", ["0", "1", "2"], emnist="balanced"),
     "CIFAR10": cifar(hundred=False),
     "CIFAR100": cifar(hundred=True),

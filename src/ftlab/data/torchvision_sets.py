@@ -130,9 +130,9 @@ CALTECH_FILES = {
 }
 
 
-def _spec(name: str | None) -> TorchvisionSet:
-    if name in TORCHVISION_SETS:
-        return TORCHVISION_SETS[name]
+def _spec(name: str | None) -> tuple[str, TorchvisionSet]:
+    if name is not None and name in TORCHVISION_SETS:
+        return name, TORCHVISION_SETS[name]
     close = difflib.get_close_matches(str(name), TORCHVISION_SETS, n=1, cutoff=0.5)
     hint = f" Did you mean {close[0]}?" if close else ""
     raise ConfigError(
@@ -210,7 +210,9 @@ def _arrays_and_ids(dataset: Any) -> tuple[np.ndarray, list[Any]] | None:
         images = np.asarray(data)
         if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
             images = images.transpose(0, 2, 3, 1)  # (N, C, H, W) as SVHN/STL10 keep it -> (N, H, W, C)
-        return images.astype(np.uint8, copy=False), np.asarray(targets).tolist()
+        ids = np.asarray(targets)
+        ids = ids[:, 0] if ids.ndim == 2 else ids  # QMNIST: 8 columns a row, the class first
+        return images.astype(np.uint8, copy=False), ids.tolist()
     samples = getattr(dataset, "_samples", None)  # FER2013: [(48x48 uint8 tensor, label or None)]
     if isinstance(samples, list) and samples and not _is_path(samples[0][0]):
         return np.stack([np.asarray(image) for image, _ in samples]).astype(np.uint8, copy=False), [
@@ -244,12 +246,12 @@ def load_torchvision(
     (read per item) or the array torchvision keeps in memory. See ``TORCHVISION_SETS`` for the split names."""
     import torchvision.datasets as tvd
 
-    spec = _spec(name)
+    name, spec = _spec(name)
     if not root:
         raise ConfigError(
             "data.root is not set: data=torchvision needs data.root=<folder for the dataset files>."
         )
-    cls = getattr(tvd, str(name))
+    cls = getattr(tvd, name)
     shared = _arguments(name, spec, cls, dict(options or {}))
     if "download" in _parameters(cls):
         shared["download"] = download
@@ -259,7 +261,9 @@ def load_torchvision(
         try:
             dataset = cls(folder, **shared, **kwargs)
         except (RuntimeError, OSError) as err:
-            get = "torchvision will fetch them" if download and spec.get == DOWNLOAD else spec.get
+            get = spec.get
+            if download and get == DOWNLOAD:
+                get = "copy them there from a machine with internet (data.download=true failed here)"
             raise DataFileError(
                 f"torchvision's {name} could not be read from data.root={root!r}: expected {spec.files} there "
                 f"(torchvision says: {err}). To get the files, {get}; or point data.root at the folder that holds "
