@@ -1,6 +1,7 @@
-"""After training: eval reproduces the run's metrics, predict matches the module, exports round-trip, compression.
+"""After training: eval reproduces the run's metrics, predict matches the module, the HF folder outside ftlab.
 
-One tiny run (tiny BERT, CLS pooling so that the HF export applies) is trained once for the whole module.
+One tiny run (tiny BERT, CLS pooling so that the HF export applies) is trained once for the whole module. Export
+parity and compression, checked against the module by the tests themselves: tests/test_export_parity.py.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def entry_cfg(name: str, overrides: list[str]) -> DictConfig:
         return compose(config_name=name, overrides=overrides)
 
 
-def module_labels(run_dir: Path, texts: list[str]) -> list[str]:
-    """The in-memory module's argmax labels, with the training data path's own tokenization and padding."""
+def module_logits(run_dir: Path, texts: list[str]) -> tuple[torch.Tensor, list[str]]:
+    """The in-memory module's logits and label names, with the training data path's own tokenization and padding."""
     run = rebuild.load_run(run_dir)
     tokenizer = load_tokenizer(run.module.backbone.preprocessing.tokenizer)
     arrays = tokenize_cached(tokenizer, texts, None, int(run.cfg.data.max_length), None)
@@ -70,8 +71,12 @@ def module_labels(run_dir: Path, texts: list[str]) -> list[str]:
         for a, b in zip(arrays["offsets"][:-1], arrays["offsets"][1:], strict=True)
     ]
     with torch.no_grad():
-        logits = run.module(PadCollator(tokenizer.pad_token_id)(items))
-    return [run.label_names[i] for i in logits.argmax(-1).tolist()]
+        return run.module(PadCollator(tokenizer.pad_token_id)(items)), run.label_names
+
+
+def module_labels(run_dir: Path, texts: list[str]) -> list[str]:
+    logits, names = module_logits(run_dir, texts)
+    return [names[i] for i in logits.argmax(-1).tolist()]
 
 
 def test_eval_reproduces_the_test_metrics_of_training(run_dir):
@@ -101,6 +106,8 @@ def test_eval_cli_on_another_split(run_dir, tmp_path):
 
 
 def test_predict_matches_the_module_on_strings_text_files_and_tables(run_dir, tmp_path):
+    logits, names = module_logits(run_dir, TEXTS)
+    probabilities = logits.softmax(-1)  # the module's own, computed here: predict must report the same
     expected = module_labels(run_dir, TEXTS)
     (tmp_path / "in.txt").write_text("\n".join(TEXTS[:2]) + "\n\n" + "\n".join(TEXTS[2:]) + "\n")
     pd.DataFrame({"body": TEXTS, "id": range(5)}).to_json(tmp_path / "in.jsonl", orient="records", lines=True)
@@ -121,14 +128,19 @@ def test_predict_matches_the_module_on_strings_text_files_and_tables(run_dir, tm
         )
         assert result["examples"] == 5 and [r["input"] for r in rows] == TEXTS, name
         assert [r["label"] for r in rows] == expected, name
-        for r in rows:
+        for r, p in zip(rows, probabilities.tolist(), strict=True):
             top = (
                 r["top_k"]
                 if "top_k" in r
-                else [{"probability": r["top1_probability"]}, {"probability": r["top2_probability"]}]
+                else [
+                    {"label": r["top1_label"], "probability": r["top1_probability"]},
+                    {"label": r["top2_label"], "probability": r["top2_probability"]},
+                ]
             )
-            assert top[0]["probability"] == pytest.approx(r["probability"]) and r["probability"] >= 0.5
-            assert sum(t["probability"] for t in top) == pytest.approx(1.0, abs=1e-5)
+            # batch_size=2 pads differently from the one batch above: equal up to float rounding
+            assert [t["probability"] for t in top] == pytest.approx(sorted(p, reverse=True), abs=1e-5), name
+            assert [t["label"] for t in top] == sorted(names, key=lambda n: -p[names.index(n)]), name
+            assert r["probability"] == pytest.approx(max(p), abs=1e-5), name
 
 
 def test_predict_errors_name_the_input(run_dir, tmp_path):
@@ -157,21 +169,6 @@ def test_checkpoints_load_weights_only(run_dir, tmp_path):
     torch.save(checkpoint, tmp_path / "evil.ckpt")
     with pytest.raises(ModelLoadError, match="weights_only=True"):
         rebuild.load_run(run_dir, tmp_path / "evil.ckpt")
-
-
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "hf"])
-def test_each_export_format_round_trips_within_tolerance(run_dir, tmp_path, fmt):
-    out = tmp_path / fmt
-    record = export(entry_cfg("export", [f"run={run_dir}", f"format={fmt}", f"output_dir={out}"]))
-    assert record["max_abs_diff"] <= 1e-4 and record["same_labels"] and record["examples_checked"] == 11
-    assert read_json(out / "export.json")["max_abs_diff"] == record["max_abs_diff"]
-    if fmt == "onnx":  # dynamic axes: another batch size and sequence length than the traced one
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-        ids = np.array([[101, 2307, 2143, 999, 102, 0, 0]] * 5, dtype=np.int64)
-        (logits,) = session.run(["logits"], {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)})
-        assert logits.shape == (5, 2)
 
 
 HF_SCRIPT = """
@@ -217,6 +214,14 @@ def test_hf_export_refuses_what_it_cannot_express_and_checks_tolerance(run_dir, 
         export(cfg)
 
 
+def hf_logits(folder: Path, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
 def test_hf_export_of_pooler_pooling_is_exact(tmp_path, reviews_csv):
     cfg = compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + ["model.backbone.pooling=pooler"])
     from hydra.utils import instantiate
@@ -227,47 +232,10 @@ def test_hf_export_of_pooler_pooling_is_exact(tmp_path, reviews_csv):
     batch["attention_mask"] = (batch["input_ids"] > 0).long()
     with torch.no_grad():
         expected = module(batch)
-    got = formats.export_hf(module, [batch], tmp_path / "hf", label_names=["a", "b", "c"], max_length=16)
-    assert formats.max_abs_diff([expected], got) < 1e-5
-
-
-@pytest.mark.parametrize("method", ["int8", "prune"])
-def test_compression_is_smaller_and_reports_accuracy_size_and_latency(run_dir, tmp_path, method):
-    out = tmp_path / method
-    record = export(
-        entry_cfg(
-            "export", [f"run={run_dir}", f"compress={method}", f"output_dir={out}", "benchmark.repeats=2"]
-        )
-    )
-    original, variant = record["rows"]
-    assert variant["model"] == method and 0.0 <= variant["accuracy"] <= 1.0
-    assert original["accuracy"] == pytest.approx(read_json(run_dir / "metrics.json")["test/acc"])
-    assert variant["latency_ms"] > 0 and original["latency_ms"] > 0
-    if method == "int8":
-        assert variant["size_mb"] < original["size_mb"]
-    else:  # unstructured zeros: the dense file keeps its size, gzip shows the saving
-        assert (
-            variant["sparsity"] == pytest.approx(0.5, abs=0.01) and variant["gzip_mb"] < original["gzip_mb"]
-        )
-    assert (out / "compression.md").read_text().startswith("| model | test acc")
-    loaded = torch.jit.load(str(out / f"{method}.pt"))  # self-contained TorchScript
-    ids = torch.tensor([[101, 2307, 102]])
-    assert loaded(ids, torch.ones_like(ids)).shape == (1, 2)
-
-
-def test_pruning_with_a_short_finetune_keeps_the_zeros(run_dir, tmp_path):
-    cfg = entry_cfg(
-        "export",
-        [
-            f"run={run_dir}",
-            "compress=prune",
-            "prune.fraction=0.7",
-            "prune.finetune_epochs=1",
-            f"output_dir={tmp_path}",
-        ],
-    )
-    variant = export(cfg)["rows"][1]
-    assert variant["sparsity"] == pytest.approx(0.7, abs=0.01) and variant["accuracy"] >= 0.5
+    formats.export_hf(module, [batch], tmp_path / "hf", label_names=["a", "b", "c"], max_length=16)
+    with torch.no_grad():  # the folder as transformers alone loads it
+        got = hf_logits(tmp_path / "hf", batch)
+    assert float((got - expected).abs().max()) < 1e-5  # pooler pooling is BERT's own: float rounding only
 
 
 def test_a_lora_run_exports_with_the_adapters_merged(tmp_path, reviews_csv):
@@ -283,10 +251,14 @@ def test_a_lora_run_exports_with_the_adapters_merged(tmp_path, reviews_csv):
     state = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     lora_b = [v for k, v in state.items() if "lora_B" in k]
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # the adapters learnt something to merge
-    record = export(
-        entry_cfg("export", [f"run={tmp_path / 'run'}", "format=hf", f"output_dir={tmp_path / 'hf'}"])
-    )
-    assert record["max_abs_diff"] <= 1e-4 and record["same_labels"]
+    export(entry_cfg("export", [f"run={tmp_path / 'run'}", "format=hf", f"output_dir={tmp_path / 'hf'}"]))
+    lora = rebuild.load_run(tmp_path / "run").module  # adapters unmerged, as trained
+    batch = {"input_ids": torch.tensor([[101, 2307, 2143, 102, 0], [101, 2307, 2143, 999, 102]])}
+    batch["attention_mask"] = (batch["input_ids"] > 0).long()
+    with torch.no_grad():
+        expected, got = lora(batch), hf_logits(tmp_path / "hf", batch)
+    # merged weights (W + BA) and the CLS rewrite of the HF folder: float rounding, ~1e-6 measured
+    assert float((got - expected).abs().max()) <= 1e-4 and torch.equal(got.argmax(-1), expected.argmax(-1))
     from safetensors.torch import load_file
 
     names = load_file(tmp_path / "hf" / "model.safetensors").keys()

@@ -1,13 +1,17 @@
 """Compression: dynamic int8 quantization and global magnitude pruning, measured against the original.
 
-Each variant is saved as TorchScript (``original.pt``, ``int8.pt`` / ``pruned.pt``: self-contained, loadable with
-``torch.jit.load`` without ftlab) and measured on the run's test split: accuracy, file size (raw, and gzip, which
-is where the zeros of a pruned model pay off: unstructured sparsity does not shrink a dense tensor), and the CPU
-latency of one batch. The table is printed as Markdown and written to ``compression.md`` and ``compression.json``.
+The original and the variant are written as ONNX files (``original.onnx``, ``int8.onnx`` / ``prune.onnx``:
+self-contained, run with onnxruntime without ftlab or torch) and measured with onnxruntime on the run's test split:
+accuracy, file size (raw, and gzip, which is where the zeros of a pruned model pay off: unstructured sparsity does
+not shrink a dense tensor), and the CPU latency of one batch. int8 is ONNX Runtime's dynamic quantization of the
+exported model (``onnxruntime.quantization.quantize_dynamic``: int8 weights for MatMul and the embedding Gather,
+activations quantized on the fly), which replaced ``torch.ao.quantization.quantize_dynamic`` (deprecated in
+PyTorch). The table is printed as Markdown and written to ``compression.md`` and ``compression.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import json
@@ -15,7 +19,8 @@ import logging
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.nn.utils import prune
 
-from ftlab.deploy.formats import LogitsModel, input_names
+from ftlab.deploy import formats
 from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError
 
@@ -34,9 +39,25 @@ log = logging.getLogger(__name__)
 METHODS = ("int8", "prune")
 
 
-def quantize_int8(module: nn.Module) -> nn.Module:
-    """Linear layers with int8 weights and dynamically quantized activations (CPU inference)."""
-    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(module), {nn.Linear}, dtype=torch.qint8)
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # quantize_dynamic logs on the root logger that pre-processing (symbolic shape inference) may help; that
+    # pre-processing fails on dynamo-exported BERT ("Incomplete symbolic shape inference"), so the advice is noise
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(original: Path, path: Path) -> None:
+    """ONNX Runtime dynamic quantization of an ONNX file: int8 weights, activations quantized per batch (CPU)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet_root_logger():
+        quantize_dynamic(original, path, weight_type=QuantType.QInt8)
 
 
 def _linear_weights(module: nn.Module) -> list[tuple[Any, str]]:
@@ -61,15 +82,6 @@ def magnitude_prune(
     return pruned.eval(), zeros / sum(m.weight.numel() for m, _ in targets)
 
 
-def save_torchscript(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
-    names = input_names(batch)
-    with torch.no_grad():
-        traced = torch.jit.trace(
-            LogitsModel(module, names).eval(), tuple(batch[n] for n in names), strict=False, check_trace=False
-        )
-    torch.jit.save(traced, str(path))
-
-
 def file_sizes(path: Path) -> tuple[float, float]:
     """Size in MB, raw and gzip-compressed."""
     gz = path.with_suffix(path.suffix + ".gz")
@@ -80,23 +92,26 @@ def file_sizes(path: Path) -> tuple[float, float]:
     return sizes
 
 
-def latencies_ms(models: list[nn.Module], batch: dict[str, torch.Tensor], repeats: int) -> list[float]:
-    """Median wall time of one forward pass on ``batch`` per model (CPU). The models take turns, pass by pass, so
-    a slow spell of a shared machine hits all of them alike rather than whichever was measured then."""
-    times: list[list[float]] = [[] for _ in models]
-    with torch.inference_mode():
-        for i in range(repeats + 3):  # three warm-up rounds
-            for model, record in zip(models, times, strict=True):
-                start = time.perf_counter()
-                model(batch)
-                if i >= 3:
-                    record.append((time.perf_counter() - start) * 1e3)
+def latencies_ms(
+    runners: list[Callable[[Any], Any]], batch: dict[str, torch.Tensor], repeats: int
+) -> list[float]:
+    """Median wall time of one forward pass on ``batch`` per runner (CPU). The runners take turns, pass by pass,
+    so a slow spell of a shared machine hits all of them alike rather than whichever was measured then."""
+    times: list[list[float]] = [[] for _ in runners]
+    for i in range(repeats + 3):  # three warm-up rounds
+        for run, record in zip(runners, times, strict=True):
+            start = time.perf_counter()
+            run(batch)
+            if i >= 3:
+                record.append((time.perf_counter() - start) * 1e3)
     return [statistics.median(t) for t in times]
 
 
-def accuracy(module: nn.Module, loader: Any) -> float:
+def accuracy(session: Any, loader: Any) -> float:
+    """Test accuracy of an ONNX model (argmax of its logits)."""
     correct = total = 0
-    for batch, logits in rebuild.batches(module, loader, torch.device("cpu")):
+    for batch in loader:
+        logits = formats.run_onnx(session, batch)
         correct += int((logits.argmax(-1) == batch["labels"]).sum())
         total += len(batch["labels"])
     return correct / total
@@ -123,6 +138,36 @@ def _finetuner(run: rebuild.LoadedRun, datamodule: Any, epochs: int) -> Callable
     return finetune
 
 
+def write_models(
+    cfg: DictConfig, run: rebuild.LoadedRun, original: nn.Module, datamodule: Any, bench: Any, out: Path
+) -> tuple[dict[str, Path], float]:
+    """``original.onnx`` and ``<method>.onnx`` in ``out``; returns them and the variant's Linear sparsity."""
+    method = cfg.compress
+    files = {"original": out / "original.onnx", method: out / f"{method}.onnx"}
+    formats.save_onnx(original, bench, files["original"])
+    if method == "int8":
+        quantize_int8(files["original"], files[method])
+        return files, 0.0
+    finetune = _finetuner(run, datamodule, int(cfg.prune.finetune_epochs))
+    variant, sparsity = magnitude_prune(original, float(cfg.prune.fraction), finetune)
+    formats.save_onnx(variant, bench, files[method])
+    return files, sparsity
+
+
+def measure(
+    files: dict[str, Path], bench: dict[str, torch.Tensor], test_loader: Callable[[], Any], repeats: int
+) -> list[dict[str, Any]]:
+    """One row per ONNX file: test accuracy, size, gzip size and latency, all with onnxruntime."""
+    sessions = [formats.onnx_session(path) for path in files.values()]
+    timings = latencies_ms([partial(formats.run_onnx, session) for session in sessions], bench, repeats)
+    rows = []
+    for (name, path), session, latency in zip(files.items(), sessions, timings, strict=True):
+        size, gz = file_sizes(path)
+        row = {"model": name, "file": str(path), "accuracy": accuracy(session, test_loader())}
+        rows.append({**row, "size_mb": size, "gzip_mb": gz, "latency_ms": latency, "sparsity": 0.0})
+    return rows
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = "| model | test acc | Δ acc | size MB | gzip MB | latency ms | speed-up | Linear sparsity |"
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -145,51 +190,27 @@ def compress(
         raise ConfigError(
             f"compress={method!r} is not one of {', '.join(METHODS)} (or null for no compression)."
         )
-    if run.module.regression:
+    if run.module.task.name != "classification":
         raise ConfigError(
-            "compress= reports test accuracy, so it needs a classification run (this one regresses)."
+            "compress= reports test accuracy, so it needs a classification run (this one is "
+            f"data.task={run.module.task.name})."
         )
     if cfg.device != "cpu":
         raise ConfigError("compress= measures CPU inference (int8 kernels are CPU-only): leave device=cpu.")
     out = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else run.run_dir / "export" / method
     out.mkdir(parents=True, exist_ok=True)
     datamodule = rebuild.datamodule_for(run)
-    original = merge(run.module).eval()
-    sparsity = 0.0
-    if method == "int8":
-        variant = quantize_int8(original)
-    else:
-        epochs = int(cfg.prune.finetune_epochs)
-        variant, sparsity = magnitude_prune(
-            original, float(cfg.prune.fraction), _finetuner(run, datamodule, epochs)
-        )
     bench = next(iter(datamodule.test_dataloader()))
     bench = {k: v[: int(cfg.benchmark.batch_size)] for k, v in bench.items()}
-    rows = []
-    timings = latencies_ms([original, variant], bench, int(cfg.benchmark.repeats))
-    for (name, model, zeros), latency in zip(
-        (("original", original, 0.0), (method, variant, sparsity)), timings, strict=True
-    ):
-        path = out / f"{name}.pt"
-        save_torchscript(model, bench, path)
-        size, gz = file_sizes(path)
-        rows.append(
-            {
-                "model": name,
-                "file": str(path),
-                "accuracy": accuracy(model, datamodule.test_dataloader()),
-                "size_mb": size,
-                "gzip_mb": gz,
-                "latency_ms": latency,
-                "sparsity": zeros,
-            }
-        )
+    files, sparsity = write_models(cfg, run, merge(run.module).eval(), datamodule, bench, out)
+    rows = measure(files, bench, datamodule.test_dataloader, int(cfg.benchmark.repeats))
+    rows[1]["sparsity"] = sparsity
     table = markdown(rows)
     record = {
         "method": method,
         "checkpoint": str(run.ckpt_path),
         "prune": dict(cfg.prune) if method == "prune" else None,
-        "benchmark": {**dict(cfg.benchmark), "threads": torch.get_num_threads()},
+        "benchmark": {**dict(cfg.benchmark), "threads": torch.get_num_threads(), "runtime": "onnxruntime"},
         "rows": rows,
     }
     (out / "compression.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,13 +1,16 @@
-"""Export formats (TorchScript, ONNX, a plain HF folder), each verified by running the written file.
+"""Export formats (ONNX, a ``torch.export`` program, a plain HF folder), each verified by running the written file.
 
 Every exporter takes the module (eval mode, adapters merged) and example batches from the run's own data, writes
 its file(s) into ``out`` and returns the logits the written artifact computes for those batches; the caller
-compares them with the module's logits (:func:`max_abs_diff`).
+compares them with the module's logits (:func:`max_abs_diff`). ONNX goes through PyTorch's current exporter
+(``torch.onnx.export(dynamo=True)``, which runs ``torch.export``); TorchScript (``torch.jit.trace``) is
+deprecated in PyTorch and was replaced by ``format=pt2``.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +21,27 @@ from ftlab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hf", "torchscript", "onnx")
+FORMATS = ("onnx", "pt2", "hf")
+REPLACED = {
+    "torchscript": "format=torchscript (torch.jit.trace, deprecated in PyTorch) was replaced by format=pt2: a "
+    "torch.export program (model.pt2) that torch.export.load('model.pt2').module()(input_ids, attention_mask) runs."
+}
 # tanh(eps * x) / eps = x - eps^2 x^3 / 3 + ...: with eps = 1e-3 and |x| < 30 the relative error is below 3e-4.
 CLS_EPS = 1e-3
 
 
 class LogitsModel(nn.Module):
-    """Backbone + head as a function of positional input tensors (names in ``input_names``) -> logits (B, C).
+    """The module as a function of positional input tensors (names in ``input_names``) -> its logits.
 
-    Built from the module's parts, not the LightningModule itself: tracing that touches ``.trainer``.
+    ``torch.export`` traces functions of tensors; the module itself takes a dict (a batch).
     """
 
-    def __init__(self, module: Any, input_names: list[str]):
+    def __init__(self, module: nn.Module, input_names: list[str]):
         super().__init__()
-        self.backbone, self.head = module.backbone, module.head
-        self.input_names, self.regression = list(input_names), bool(module.regression)
+        self.module, self.input_names = module, list(input_names)
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.backbone(dict(zip(self.input_names, tensors, strict=True))))
-        return logits.squeeze(-1) if self.regression else logits
+        return self.module(dict(zip(self.input_names, tensors, strict=True)))
 
 
 def input_names(batch: dict[str, torch.Tensor]) -> list[str]:
@@ -46,6 +51,11 @@ def input_names(batch: dict[str, torch.Tensor]) -> list[str]:
     return names
 
 
+def dynamic_axes(batch: dict[str, torch.Tensor], names: list[str]) -> tuple[dict[int, str], ...]:
+    """Per input: a ``batch`` axis, and a ``sequence`` axis for token inputs (B, T); images keep their size."""
+    return tuple({0: "batch", 1: "sequence"} if batch[n].ndim == 2 else {0: "batch"} for n in names)
+
+
 def max_abs_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return max(
         float((e.float() - torch.as_tensor(g).float()).abs().max())
@@ -53,45 +63,74 @@ def max_abs_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float
     )
 
 
-def export_torchscript(
-    module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path
-) -> list[torch.Tensor]:
-    """``torch.jit.trace`` of :class:`LogitsModel` on the first batch; checked on every batch after reloading."""
+def save_pt2(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.export`` of :class:`LogitsModel` with dynamic batch (and sequence) axes, saved as ``.pt2``."""
+    names = input_names(batch)
+    # Dim.DYNAMIC lets export bound an axis where the model does (BERT: sequence <= max_position_embeddings)
+    shapes = tuple({axis: torch.export.Dim.DYNAMIC for axis in axes} for axes in dynamic_axes(batch, names))
+    program = torch.export.export(
+        LogitsModel(module, names).eval(),
+        tuple(batch[n] for n in names),
+        dynamic_shapes={"tensors": shapes},
+        strict=False,
+    )
+    torch.export.save(program, path)
+
+
+def export_pt2(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path) -> list[torch.Tensor]:
+    """``model.pt2``; checked on every batch after ``torch.export.load``."""
     names = input_names(batches[0])
-    wrapper = LogitsModel(module, names).eval()
-    with torch.no_grad():
-        traced = torch.jit.trace(
-            wrapper, tuple(batches[0][n] for n in names), strict=False, check_trace=False
-        )
-    path = out / "model.pt"
-    torch.jit.save(traced, str(path))
-    loaded = torch.jit.load(str(path), map_location="cpu")
+    path = out / "model.pt2"
+    save_pt2(module, batches[0], path)
+    loaded = torch.export.load(path).module()
     with torch.no_grad():
         return [loaded(*(b[n] for n in names)) for b in batches]
 
 
-def export_onnx(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path) -> list[torch.Tensor]:
-    """ONNX with dynamic batch (and sequence) axes, output ``logits``; checked with onnxruntime."""
-    import onnxruntime as ort
-
-    names = input_names(batches[0])
-    wrapper = LogitsModel(module, names).eval()
-    axes = {n: ({0: "batch", 1: "sequence"} if batches[0][n].ndim == 2 else {0: "batch"}) for n in names}
-    axes["logits"] = {0: "batch"}
-    path = out / "model.onnx"
-    with torch.no_grad():
+def save_onnx(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> list[str]:
+    """One self-contained ONNX file (weights inside), dynamic ``batch``/``sequence`` axes, output ``logits``;
+    returns the input names."""
+    names = input_names(batch)
+    with warnings.catch_warnings():
+        # named axes shared by several inputs (input_ids, attention_mask): the exporter says it keeps one name each
+        warnings.filterwarnings(
+            "ignore", message=r"# The axis name: .* will not be used", category=UserWarning
+        )
         torch.onnx.export(
-            wrapper,
-            tuple(batches[0][n] for n in names),
+            LogitsModel(module, names).eval(),
+            tuple(batch[n] for n in names),
             str(path),
             input_names=names,
             output_names=["logits"],
-            dynamic_axes=axes,
-            opset_version=17,
-            dynamo=False,  # the dynamo exporter is slower here and wants dynamic_shapes (STACK.md)
+            dynamic_shapes={"tensors": dynamic_axes(batch, names)},
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(session.run(["logits"], {n: b[n].numpy() for n in names})[0]) for b in batches]
+    return names
+
+
+def onnx_session(path: Path) -> Any:
+    """An onnxruntime CPU session using as many threads as torch does (so latencies compare with torch's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The session's ``logits`` for a batch (its inputs taken by name)."""
+    feed = {i.name: batch[i.name].numpy() for i in session.get_inputs()}
+    return torch.from_numpy(session.run(["logits"], feed)[0])
+
+
+def export_onnx(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path) -> list[torch.Tensor]:
+    """``model.onnx``; checked with onnxruntime on every batch."""
+    path = out / "model.onnx"
+    save_onnx(module, batches[0], path)
+    session = onnx_session(path)
+    return [run_onnx(session, b) for b in batches]
 
 
 def _hf_classifier_weights(module: Any) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -108,7 +147,7 @@ def _hf_classifier_weights(module: Any) -> tuple[torch.Tensor, torch.Tensor, dic
     if len(linears) != 1 or any(isinstance(m, nn.GELU | nn.ReLU | nn.Tanh) for m in head.modules()):
         raise ConfigError(
             "format=hf needs a linear head (model.head.hidden_features=null); this run's head has a hidden layer, "
-            "which AutoModelForSequenceClassification cannot hold. Export with format=onnx or format=torchscript."
+            "which AutoModelForSequenceClassification cannot hold. Export with format=onnx or format=pt2."
         )
     weight, bias = linears[0].weight.detach().clone(), linears[0].bias.detach().clone()
     if pooling == "pooler":
@@ -123,7 +162,7 @@ def _hf_classifier_weights(module: Any) -> tuple[torch.Tensor, torch.Tensor, dic
     raise ConfigError(
         f"format=hf: this run uses model.backbone.pooling={pooling!r}. A standard HF sequence classifier reads "
         "the [CLS] token through its pooler, so mean pooling cannot be written as one without changing the "
-        "predictions. Export this run with format=onnx or format=torchscript (they keep mean pooling), or train "
+        "predictions. Export this run with format=onnx or format=pt2 (they keep mean pooling), or train "
         "with model.backbone.pooling=cls or pooling=pooler for an AutoModelForSequenceClassification folder."
     )
 
@@ -142,9 +181,7 @@ def export_hf(
     backbone = module.backbone
     encoder: Any = getattr(backbone, "model", None)
     if not hasattr(backbone, "preprocessing") or not hasattr(backbone.preprocessing, "tokenizer"):
-        raise ConfigError(
-            "format=hf exports HF text models; for an image run use format=onnx or format=torchscript."
-        )
+        raise ConfigError("format=hf exports HF text models; for an image run use format=onnx or format=pt2.")
     weight, bias, pooler = _hf_classifier_weights(module)
     names = label_names or [str(i) for i in range(weight.shape[0])]
     config = encoder.config.__class__.from_dict(encoder.config.to_dict())
@@ -158,7 +195,7 @@ def export_hf(
     if not isinstance(classifier, nn.Linear) or getattr(base, "pooler", None) is None:
         raise ConfigError(
             f"format=hf supports encoders whose sequence classifier is pooler + linear layer (BERT family); "
-            f"{type(model).__name__} is built differently. Export with format=onnx or format=torchscript."
+            f"{type(model).__name__} is built differently. Export with format=onnx or format=pt2."
         )
     state = {**encoder.state_dict(), **pooler}
     missing, unexpected = base.load_state_dict(state, strict=False)
@@ -180,11 +217,13 @@ def export_hf(
 def export(
     fmt: str, module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path, **hf: Any
 ) -> list[torch.Tensor]:
+    if fmt in REPLACED:
+        raise ConfigError(REPLACED[fmt])
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not one of {', '.join(FORMATS)}.")
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == "torchscript":
-        return export_torchscript(module, batches, out)
+    if fmt == "pt2":
+        return export_pt2(module, batches, out)
     if fmt == "onnx":
         return export_onnx(module, batches, out)
     return export_hf(module, batches, out, **hf)
