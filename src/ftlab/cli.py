@@ -63,6 +63,11 @@ def export() -> None:
     _launch("export", "export", sys.argv[1:], _export_job)
 
 
+def serve() -> None:
+    """``ftlab-serve run=<run folder> | export=<ONNX export folder>`` (docs/serving.md)."""
+    _launch("serve", "serve", sys.argv[1:], _serve_job)
+
+
 def report() -> None:
     """``ftlab-report <sweep folder> ...`` (argparse; reads folders, composes no config)."""
     from ftlab.report import main
@@ -94,6 +99,10 @@ def _predict_job(cfg: DictConfig) -> None:
 
 def _export_job(cfg: DictConfig) -> None:
     _after_training(cfg, "export", "ftlab.export", "export")
+
+
+def _serve_job(cfg: DictConfig) -> None:
+    _after_training(cfg, "serve", "ftlab.serving", "serve")
 
 
 def _after_training(cfg: DictConfig, app: str, module: str, function: str) -> None:
