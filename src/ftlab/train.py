@@ -105,12 +105,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             prefix=cfg.feature_cache == "prefix",
             device=trainer.strategy.root_device,  # computed where training runs
         )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # tensors only
 
     checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)
     has_best = checkpoint is not None and bool(checkpoint.best_model_path)
     tested = trainer.test(
-        module, datamodule=datamodule, ckpt_path="best" if has_best else None, verbose=False
+        module,
+        datamodule=datamodule,
+        ckpt_path="best" if has_best else None,
+        verbose=False,
+        weights_only=True,
     )
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
     # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from ftlab.data.samplers import LengthBucketSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
 from ftlab.utils.devices import check_auto_or_count, on_cuda, pad_multiple, padded_width
 from ftlab.utils.errors import ConfigError, DataError, ModelLoadError
+from ftlab.utils.safe_files import atomic_write, read_cached_arrays
 
 log = logging.getLogger(__name__)
 PADDING = ("longest", "max_length")
@@ -136,9 +136,9 @@ def tokenize_cached(
         tokenizer_id, str(max_length), "\x01".join(texts), "\x01".join(pairs) if pairs else "-"
     )
     path = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
-    if path is not None and path.exists():
-        with np.load(path) as cached:
-            return dict(cached)
+    cached = read_cached_arrays(path) if path is not None else None  # allow_pickle=False; damaged: recomputed
+    if cached is not None:
+        return cached
     encoded = tokenizer(
         texts,
         pairs,
@@ -158,10 +158,14 @@ def tokenize_cached(
         )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-        os.replace(tmp, path)  # atomic: concurrent jobs of a sweep may write the same entry
+        # atomic: concurrent jobs of a sweep may write the same entry
+        atomic_write(path, lambda tmp: _save_npz(tmp, arrays), point="tokens")
     return arrays
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add .npz to a name
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
 class TextClassificationDataModule(ClassificationDataModule):

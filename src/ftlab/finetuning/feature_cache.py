@@ -35,6 +35,7 @@ from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
 from ftlab.models.backbones.contract import can_split
 from ftlab.utils.devices import loader_settings, on_cuda, padded_width
+from ftlab.utils.safe_files import atomic_write, read_cached_tensors
 
 log = logging.getLogger(__name__)
 
@@ -250,17 +251,16 @@ def _load_or_compute(
     max_gb: float,
     device: torch.device | None = None,
 ):
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        os.utime(path)  # most recently used: trimmed last
+    saved = read_cached_tensors(path) if path is not None else None  # weights_only; damaged: recomputed
+    if saved is not None:
+        os.utime(path)  # type: ignore[arg-type]  # most recently used: trimmed last
         log.info("Feature cache: read the frozen layers' outputs from %s.", path)
         return saved
     saved = _compute(module.backbone, datamodule, k, whole, device)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(saved, tmp)
-        os.replace(tmp, path)  # atomic: jobs of a sweep may write the same entry
+        # atomic: jobs of a sweep may write the same entry
+        atomic_write(path, lambda tmp: torch.save(saved, tmp), point="features")
         _trim(path.parent, max_gb * 1e9)
     log.info("Feature cache: computed the frozen layers' outputs once (%d groups, key %s).", k, path)
     return saved

@@ -68,10 +68,30 @@ def check_fresh(output_dir: Path) -> None:
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
-    ckpt = run_dir / LAST_CKPT
-    if not ckpt.is_file():
+    """``last.ckpt``, or ``best.ckpt`` with a warning if ``last.ckpt`` is damaged (read through ``read_checkpoint``).
+
+    A checkpoint that holds pickled objects is refused, not skipped: someone put it there.
+    """
+    import logging
+    import pickle
+
+    candidates = [run_dir / name for name in (LAST_CKPT, BEST_CKPT) if (run_dir / name).is_file()]
+    if not candidates:
         raise DataFileError(f"resume={run_dir}: there is no {LAST_CKPT} to continue from.")
-    return ckpt
+    problems = []
+    for ckpt in candidates:
+        try:
+            read_checkpoint(ckpt)
+            return ckpt
+        except ModelLoadError as err:
+            if isinstance(err.__cause__, pickle.UnpicklingError):
+                raise
+            problems.append(str(err))
+            logging.getLogger(__name__).warning("resume: %s; trying the previous good checkpoint.", err)
+    raise DataFileError(
+        f"resume={run_dir}: no checkpoint of the run could be loaded ({'; '.join(problems)}). Start the run "
+        "again in a new folder (without resume=)."
+    )
 
 
 def resume_argv(argv: list[str]) -> list[str]:
