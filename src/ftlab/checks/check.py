@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib
 import json
+import re
 from collections.abc import Iterator
 from importlib.resources import files
 from typing import Any
@@ -27,6 +28,7 @@ from ftlab.utils.errors import ConfigError
 RESERVED = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 _UNRESOLVED = object()  # a value that only resolves inside a Hydra job (${hydra:...}): not checked here
 _LISTED_ARGS = 16  # name every valid argument when there are at most this many
+_SAME_AS = re.compile(r"^\$\{[\w.]+\}$")  # a plain reference to another key
 
 
 @functools.cache
@@ -102,6 +104,8 @@ def _check_node(path: str, node: DictConfig, owner: str, entry: Spec) -> list[st
             if not entry["var_keyword"]:
                 problems.append(_unknown(full, _resolved(node, key), owner, list(params), path))
             continue
+        if _SAME_AS.match(str(node._get_node(key)._value())):
+            continue  # ${seed}: a bad value there is reported once, at its own key
         value = _resolved(node, key)
         if value is not _UNRESOLVED and not fits(value, params[key]):
             problems.append(_wrong(full, value, f"{owner}'s {key}", params[key]))
