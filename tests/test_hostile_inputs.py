@@ -7,20 +7,30 @@ cache. Then prediction and evaluation on junk texts and images.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+from PIL import Image
 
+from ftlab.data.image_files import ImageReadError, read_image
 from ftlab.finetuning.feature_cache import maybe_cache_features
+from ftlab.predict import predict
 from ftlab.runs.rebuild import build_module
 from ftlab.train import train
-from ftlab.utils.errors import ModelLoadError
+from ftlab.utils.errors import DataError, ModelLoadError
 
-from conftest import compose_cfg, tiny_text_overrides
+from conftest import CONF_DIR, compose_cfg, run_cli, tiny_text_overrides
 
 
 class Payload:
@@ -79,3 +89,113 @@ def test_cache_files_that_hold_pickled_code_are_never_unpickled_but_recomputed(r
     assert all(np.array_equal(np.load(p)["input_ids"], ids) for p, ids in zip(tokens, good_ids, strict=True))
     assert torch.equal(again.features["train"].features, good_features)
     assert torch.load(features, weights_only=True)["train"][0].shape == good_features.shape
+
+
+def _entry(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def _trained(tmp: Path, overrides: list[str]) -> Path:
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0"]  # fmt: skip
+    cfg = _entry("train", [*overrides, *limits, f"paths.cache_dir={tmp}/cache"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp / "run")
+    train(cfg)
+    (tmp / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp / "run" / ".hydra" / "config.yaml")  # what a Hydra run writes
+    return tmp / "run"
+
+
+def test_predict_on_hostile_texts_skips_only_the_line_that_is_not_utf8(reviews_csv, tmp_path):
+    run = _trained(tmp_path, tiny_text_overrides(reviews_csv, tmp_path))
+    lines = [
+        b"a wonderful film",
+        b"nul\x00bytes\x00inside",
+        "\u05e1\u05e8\u05d8 \u05e0\u05e4\u05dc\u05d0 \u0641\u064a\u0644\u0645 \u0631\u0627\u0626\u0639".encode(),  # RTL
+        b"caf\xe9 latin-1, not UTF-8",  # line 4
+        "\U0001f600\U0001f3ac\U0001f44d\u200d great".encode(),  # emoji, zero-width joiner
+        ("long " * 210_000).encode(),  # about 1 MB
+    ]
+    inputs = tmp_path / "inputs.txt"
+    inputs.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "preds.jsonl"
+    with pytest.raises(DataError) as caught:
+        predict(_entry("predict", [f"run={run}", f"inputs={inputs}", f"output={out}"]))
+    assert f"{inputs} line 4: not valid UTF-8 (byte 0xe9 at column 4)" in str(caught.value)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (
+        len(rows) == 5 and rows[1]["input"] == "nul\x00bytes\x00inside" and len(rows[4]["input"]) > 1_000_000
+    )
+    assert all(r["label"] in ("neg", "pos") and 0.5 <= r["probability"] <= 1 for r in rows)
+    assert pd.read_csv(tmp_path / "preds.skipped.csv")["input"].tolist() == [f"{inputs}:4"]
+
+    # nothing skipped: no error (exit status 0); an empty string is an example like any other
+    result = predict(_entry("predict", [f"run={run}", 'inputs=["", "funny and warm"]', f"output={out}"]))
+    assert result["examples"] == 2 and len(out.read_text().splitlines()) == 2
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A valid 1x1 PNG whose header says ``width`` x ``height`` (a decompression bomb, 70 bytes on disk)."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = data.index(b"IHDR")
+    data[start + 4 : start + 12] = struct.pack(">II", width, height)
+    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
+    path.write_bytes(bytes(data))
+
+
+def _hostile_images(folder: Path) -> None:
+    folder.mkdir()
+    ramp = np.linspace(0, 65535, 24 * 24).reshape(24, 24).astype(np.uint16)
+    Image.fromarray(ramp).save(folder / "a_16bit.png")
+    Image.new("CMYK", (20, 20), (0, 200, 200, 0)).save(folder / "b_cmyk.jpg")
+    palette = Image.new("P", (20, 20), 1)
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    palette.save(folder / "c_palette.png", transparency=0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (30, 10), (200, 10, 10)).save(folder / "d_exif.jpg", exif=exif)
+    frames = [Image.new("P", (16, 16), i) for i in (3, 7)]
+    frames[0].save(folder / "e_animated.gif", save_all=True, append_images=frames[1:], duration=50)
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(folder / "f_1x1.png")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(folder / "g_truncated.png")
+    whole = (folder / "g_truncated.png").read_bytes()
+    (folder / "g_truncated.png").write_bytes(whole[: len(whole) // 2])
+    _png_claiming(folder / "h_bomb.png", 20_000, 20_000)
+
+
+def test_image_files_from_the_wild_are_read_upright_as_8_bit_and_the_bad_ones_named(tmp_path):
+    folder = tmp_path / "images"
+    _hostile_images(folder)
+    assert read_image(folder / "a_16bit.png").dtype == torch.uint8
+    assert read_image(folder / "a_16bit.png").max() == 255  # the 16-bit range scaled, not clipped
+    assert read_image(folder / "d_exif.jpg").shape[1:] == (30, 10)  # stored 30 wide, shown upright: 10 wide
+    assert read_image(folder / "c_palette.png").shape[0] == 4  # transparency kept as alpha (dropped later)
+    assert read_image(folder / "e_animated.gif").shape[1:] == (16, 16)
+    with pytest.raises(ImageReadError, match="h_bomb.png was not read.*decompression bomb"):
+        read_image(folder / "h_bomb.png")
+    with pytest.raises(ImageReadError, match="g_truncated.png cannot be read"):
+        read_image(folder / "g_truncated.png")
+    assert (folder / "h_bomb.png").stat().st_size < 100
+
+
+def test_predict_cli_on_hostile_images_predicts_the_rest_and_exits_2(tmp_path):
+    run = _trained(tmp_path, ["data=digits", "model=tiny_resnet", "model.backbone.input_size=16",
+                              "trainer.accelerator=cpu", "trainer.devices=1", "callbacks.progress_bar.kind=log"])  # fmt: skip
+    folder = tmp_path / "images"
+    _hostile_images(folder)
+    out = tmp_path / "preds.csv"
+    proc = run_cli("predict", [f"run={run}", f"inputs={folder}", f"output={out}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "2 input(s) were skipped and 6 predicted" in proc.stderr and "Traceback" not in proc.stderr
+    rows = pd.read_csv(out)
+    assert [Path(p).name for p in rows["input"]] == [
+        "a_16bit.png", "b_cmyk.jpg", "c_palette.png", "d_exif.jpg", "e_animated.gif", "f_1x1.png"
+    ]  # fmt: skip
+    assert rows["label"].astype(str).isin([str(d) for d in range(10)]).all()
+    skipped = pd.read_csv(tmp_path / "preds.skipped.csv")
+    assert [Path(p).name for p in skipped["input"]] == ["g_truncated.png", "h_bomb.png"]
+    assert "cut off" in skipped["reason"][0] and "decompression bomb" in skipped["reason"][1]

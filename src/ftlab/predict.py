@@ -37,8 +37,30 @@ def _image_files(path: Path) -> list[str]:
     return [str(p) for p in files]
 
 
-def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun, modality: str) -> tuple[list[str], list[str] | None]:
-    """The examples (texts or image paths, as the data module's ``modality`` says) and, for pairs, the second texts."""
+def _text_lines(path: Path, skipped: list[tuple[str, str]] | None) -> list[str]:
+    """The non-blank lines of a text file; a line that is not UTF-8 is skipped (named with its number) or refused."""
+    lines = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            reason = f"{path} line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+            if skipped is None:
+                raise DataError(f"{reason}. Save the file as UTF-8.") from None
+            skipped.append((f"{path}:{number}", reason))
+            continue
+        if line.strip():
+            lines.append(line)
+    return lines
+
+
+def read_inputs(
+    cfg: DictConfig, run: rebuild.LoadedRun, modality: str, skipped: list[tuple[str, str]] | None = None
+) -> tuple[list[str], list[str] | None]:
+    """The examples (texts or image paths, as the data module's ``modality`` says) and, for pairs, the second texts.
+
+    ``skipped``: lines of a text file that are not UTF-8 are left out and recorded there as (input, reason).
+    """
     images = modality == "image"
     inputs = cfg.inputs
     if isinstance(inputs, ListConfig | list | tuple):
@@ -61,7 +83,7 @@ def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun, modality: str) -> tuple
                 f"The run classifies text pairs ({pair_column}); a .txt file gives single texts. Give a table with "
                 "both columns (column=..., pair_column=...)."
             )
-        return [line for line in path.read_text().splitlines() if line.strip()], None
+        return _text_lines(path, skipped), None
     table = read_table(path, "inputs")
     column = cfg.get("column") or data.get("text_column") or "text"
     for key, name in (("column", column), ("pair_column", pair_column)):
@@ -81,18 +103,42 @@ def predict_rows(
     batch_size: int,
     top_k: int,
     device: torch.device,
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Encoded by the run's data module exactly as training encoded its examples, decoded by the run's task."""
+    """Encoded by the run's data module exactly as training encoded its examples, decoded by the run's task.
+
+    ``skipped``: an example the data module cannot encode (an unreadable image) is left out and recorded there as
+    (input, reason); without it the first such example raises.
+    """
     module = run.module.to(device).eval()
     collate = datamodule.collator(cuda=device.type == "cuda")
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            items = datamodule.encode(chunk, pairs[start : start + batch_size] if pairs else None)
-            batch = {k: v.to(device) for k, v in collate(items).items()}
-            rows += module.task.decode(module(batch).float().cpu(), items, top_k)
+            items = _encode(datamodule, chunk, pairs[start : start + batch_size] if pairs else None, skipped)
+            if items:
+                batch = {k: v.to(device) for k, v in collate(items).items()}
+                rows += module.task.decode(module(batch).float().cpu(), items, top_k)
     return rows
+
+
+def _encode(
+    datamodule: Any, chunk: list[str], pairs: list[str] | None, skipped: list[tuple[str, str]] | None
+) -> list[dict[str, Any]]:
+    """``datamodule.encode(chunk)``; when one example fails and ``skipped`` is given, each alone, bad ones left out."""
+    try:
+        return datamodule.encode(chunk, pairs)
+    except DataError:
+        if skipped is None:
+            raise
+    items = []
+    for i, example in enumerate(chunk):
+        try:
+            items += datamodule.encode([example], [pairs[i]] if pairs else None)
+        except DataError as err:
+            skipped.append((str(example)[:200], str(err)))
+    return items
 
 
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
@@ -131,10 +177,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     datamodule = rebuild.datamodule_for(run, setup=False)  # its preprocessing only: no training data is read
-    examples, pairs = read_inputs(cfg, run, datamodule.modality)
-    if not examples:
+    skipped: list[tuple[str, str]] = []  # (input, reason): reported, the others predicted, exit status 2
+    examples, pairs = read_inputs(cfg, run, datamodule.modality, skipped)
+    if not examples and not skipped:
         raise DataError(f"inputs={cfg.inputs}: there is nothing to predict (no non-empty example).")
-    rows = predict_rows(run, datamodule, examples, pairs, int(cfg.batch_size), int(cfg.top_k), device)
+    rows = predict_rows(
+        run, datamodule, examples, pairs, int(cfg.batch_size), int(cfg.top_k), device, skipped
+    )
     output = (
         Path(cfg.output).expanduser()
         if cfg.get("output")
@@ -144,7 +193,20 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     for row in rows[:10]:
         print(f"  {_shown(row)}  {str(row['input'])[:70]}")
     print(f"\nftlab predict: {len(rows)} predictions written to {output}\n", flush=True)
+    if skipped:
+        report_skipped(skipped, output, len(rows))
     return {"output": str(output), "examples": len(rows)}
+
+
+def report_skipped(skipped: list[tuple[str, str]], output: Path, predicted: int) -> None:
+    """Write ``<output>.skipped.csv`` (input, reason) and raise one paragraph naming them (exit status 2)."""
+    record = output.with_name(output.stem + ".skipped.csv")
+    pd.DataFrame(skipped, columns=["input", "reason"]).to_csv(record, index=False)
+    shown = " ".join(f"[{reason}]" for _, reason in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+    raise DataError(
+        f"{len(skipped)} input(s) were skipped and {predicted} predicted (written to {output}); the skipped ones "
+        f"and why are in {record}: {shown}"
+    )
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from ftlab.data.base import ClassificationDataModule
+from ftlab.data.image_files import read_image
 from ftlab.data.image_sources import (
     EMBEDDED_IMAGES,
     IMAGE_SOURCES,
@@ -96,13 +97,7 @@ class ImageDataset(Dataset):
         item = self.images[index]
         if not isinstance(item, str):
             return _to_tensor(item)
-        from PIL import Image
-
-        try:
-            with Image.open(item) as image:
-                return _to_tensor(image.convert("RGB") if image.mode not in ("L", "RGB") else image)
-        except OSError as err:
-            raise DataError(f"The image {item} cannot be read ({err}). Remove or replace the file.") from err
+        return read_image(item)  # upright, 8-bit, first frame; ImageReadError (a DataError) names the file
 
     def digest(self, digest: Any) -> None:
         """Feed pixels (or the files' paths, sizes and times), labels and the transform into a hashlib ``digest``."""
