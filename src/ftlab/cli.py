@@ -118,10 +118,21 @@ def _launch(app: str, config_name: str, argv: list[str], job: Callable[[DictConf
     except FtlabError as err:
         folder.print_error(err)
         sys.exit(2)
-    # the job functions live here, so Hydra would name the job "cli": its name (train.log) is the app's
-    # after argv: an override before --config-path (resume=<run>) makes argparse refuse the rest
-    sys.argv = [sys.argv[0], *argv, f"hydra.job.name={app}"]
+    sys.argv = [sys.argv[0], *_named(argv, app)]
     hydra.main(version_base="1.3", config_path=folder.CONF_DIR, config_name=config_name)(job)()
+
+
+def _named(argv: list[str], app: str) -> list[str]:
+    """``argv`` with ``hydra.job.name=<app>`` among its overrides (Hydra would name the job after this module,
+    "cli"; the name is the log file's, ``train.log``), unless the user named it."""
+    from hydra._internal.utils import get_args_parser
+
+    overrides = get_args_parser().parse_args(argv).overrides
+    if any(o.startswith("hydra.job.name=") for o in overrides):
+        return argv
+    # next to the other overrides: argparse refuses overrides split by an option (--cfg, --config-path ...)
+    at = argv.index(overrides[0]) if overrides else len(argv)
+    return [*argv[:at], f"hydra.job.name={app}", *argv[at:]]
 
 
 def precheck(app: str, config_name: str, argv: list[str]) -> DictConfig | None:
