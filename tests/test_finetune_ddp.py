@@ -1,7 +1,9 @@
-"""Gradual unfreezing under 2-process CPU DDP (gloo): ranks end with identical parameters."""
+"""Gradual unfreezing under 2-process CPU DDP (gloo): ranks end with identical parameters; groups waiting to be
+unfrozen keep requires_grad (DDP all-reduces them) but their gradients are dropped before clipping."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +28,14 @@ def test_gradual_unfreezing_keeps_ranks_identical_under_ddp(tmp_path):
         "finetune=gradual_unfreeze",
         "trainer.max_epochs=3",
         "scheduler=constant",
+        # plain SGD (update = lr * clip scale * grad) and a clip threshold below every gradient norm: the scale
+        # applied to the head's update tells which gradients the clipped norm counted
+        "optimizer=sgd",
+        "optimizer.momentum=0",
+        "optimizer.weight_decay=0",
+        "trainer.gradient_clip_val=0.01",
+        "+callbacks.clip_probe._target_=ddp_probe.ClipProbe",
+        f"+callbacks.clip_probe.folder={tmp_path / 'probe'}",
     ]
     env = {
         **os.environ,
@@ -38,7 +48,7 @@ def test_gradual_unfreezing_keeps_ranks_identical_under_ddp(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,  # ~40 s alone; minutes on a shared, loaded machine
     )
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [read_probe(tmp_path / "probe", rank) for rank in (0, 1)]
@@ -52,6 +62,22 @@ def test_gradual_unfreezing_keeps_ranks_identical_under_ddp(tmp_path):
         assert (
             probe["start"]["layer.0"] != probe["end"]["layer.0"]
         )  # unfrozen at epoch 2, after DDP wrapped it
+    for rank in (0, 1):
+        clip = json.loads((tmp_path / "probe" / f"clip_rank{rank}.json").read_text())
+        # in every epoch the groups frozen in it (epoch 0: all but the head) are bit-identical at its end
+        assert set(clip["frozen"]["0"]["start"]) == {"embeddings", "layer.0", "layer.1"}
+        for epoch, record in clip["frozen"].items():
+            assert record["start"] == record["end"], epoch
+        assert len(clip["steps"]) == 9  # 48 training texts, batches of 8 split over 2 ranks: 3 steps an epoch
+        for step in clip["steps"]:
+            # DDP did all-reduce gradients into the frozen groups (requires_grad kept), and the head's update was
+            # scaled by max_norm / |trainable gradients| (Lightning's clip_grad_norm_ factor), not by the norm with
+            # the frozen groups' gradients counted
+            assert step["frozen_norm"] > 0.05 and step["trainable_norm"] > 0.01, step
+            counted = 0.01 / (step["trainable_norm"] + 1e-6)
+            with_frozen = 0.01 / ((step["trainable_norm"] ** 2 + step["frozen_norm"] ** 2) ** 0.5 + 1e-6)
+            assert step["scale"] == pytest.approx(counted, rel=1e-3), step
+            assert abs(step["scale"] - with_frozen) > 0.01 * counted, step
 
 
 class FakeTrainer:
