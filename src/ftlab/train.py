@@ -117,6 +117,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights_only=True,
     )
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
+    if trainer.is_global_zero:
+        module.task.write_files(output_dir)  # e.g. the best checkpoint's multi-label thresholds
     # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them
     if cfg.save_backbone and trainer.is_global_zero:
         torch.save(module.backbone.state_dict(), output_dir / folder.BACKBONE_FILE)

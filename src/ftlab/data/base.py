@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ftlab.data import sampling
+from ftlab.data.imbalance import BalancedClassSampler
 from ftlab.data.labels import LabelMap
 from ftlab.data.samplers import SeededShuffleSampler
 from ftlab.utils.devices import check_loader_settings, loader_settings
@@ -42,6 +43,7 @@ class ClassificationDataModule(TensorDictDataModule):
 
     modality = "text"
     task = "classification"
+    sampler = "none"  # data.sampler: none (seeded shuffle) or balanced (ftlab.data.imbalance)
 
     def __init__(
         self,
@@ -116,6 +118,15 @@ class ClassificationDataModule(TensorDictDataModule):
         return self.trainer.current_epoch if self.trainer is not None else 0
 
     def train_sampler(self, dataset: Dataset) -> Sampler[int]:
+        if self.sampler == "balanced":
+            trainer = self.trainer  # under DDP each rank takes its share of one global draw
+            return BalancedClassSampler(
+                np.asarray(dataset.labels),  # type: ignore[attr-defined]
+                self.seed,
+                self._epoch(),
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+            )
         return SeededShuffleSampler(len(dataset), self.seed, self._epoch())  # type: ignore[arg-type]
 
     def collator(self, cuda: bool | None = None) -> Any:

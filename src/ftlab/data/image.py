@@ -21,7 +21,9 @@ from ftlab.data.image_sources import (
     load_image_folder,
     load_torchvision,
 )
+from ftlab.data.imbalance import check_class_fraction, check_sampler, cut_classes
 from ftlab.data.labels import LabelMap
+from ftlab.data.multilabel import MULTILABEL_IMAGES, check_multilabel_options
 from ftlab.data.sources import SPLITS
 from ftlab.utils.errors import ConfigError, DataError
 
@@ -115,7 +117,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pixels = self.transform(self._read(index))
-        return {"pixel_values": pixels, "labels": torch.as_tensor(self.labels[index], dtype=torch.long)}
+        # class ids (int64), or multi-hot float rows for multi-label data
+        return {"pixel_values": pixels, "labels": torch.as_tensor(self.labels[index])}
 
 
 class ImageCollator:
@@ -133,7 +136,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     Args:
         preprocessing: the backbone's :class:`ImagePreprocessing` (input size, channels, mean/std).
-        source: ``mnist5k``, ``digits``, ``lfw_faces`` (embedded), ``image_folder`` or ``torchvision``.
+        source: ``mnist5k``, ``digits``, ``lfw_faces`` (embedded), ``image_folder`` or ``torchvision``; for
+            ``task=multilabel``: ``mnist_pairs`` (embedded, :func:`~ftlab.data.multilabel.load_mnist_pairs`).
+        task: ``classification`` or ``multilabel`` (a set of labels per image).
         root, val_root, test_root: folders for ``image_folder`` (``<root>/<class>/<image>``); ``root`` is also
             where a ``torchvision`` dataset lies (or is downloaded to).
         name, download: the ``torchvision.datasets`` class name and whether it may be downloaded.
@@ -146,6 +151,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
         pin_memory: page-locked batches for asynchronous host-to-GPU copies. ``num_workers`` and ``pin_memory``
             ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
+        sampler: ``none`` (seeded shuffle) or ``balanced`` (classes drawn equally; ``ftlab.data.imbalance``).
+        class_fraction: keep this share of the named classes of the source's training split, e.g. ``{"3": 0.1}``.
     """
 
     modality = "image"
@@ -172,12 +179,24 @@ class ImageClassificationDataModule(ClassificationDataModule):
         num_workers: int | str = "auto",
         seed: int = 0,
         pin_memory: bool | str = "auto",
+        task: str = "classification",
+        sampler: str = "none",
+        class_fraction: dict[str, float] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
-        if source not in IMAGE_SOURCES:
+        sources = {"classification": IMAGE_SOURCES, "multilabel": tuple(MULTILABEL_IMAGES)}
+        if task not in sources:
+            raise ConfigError(f"data.task={task!r} is not supported for images; use one of {', '.join(sources)}.")
+        if source not in sources[task]:
             raise ConfigError(
-                f"data.source={source!r} is not supported; use one of {', '.join(IMAGE_SOURCES)}."
+                f"data.source={source!r} is not supported for data.task={task}; use one of "
+                f"{', '.join(sources[task])}."
             )
+        check_sampler(sampler, task)
+        check_class_fraction(class_fraction, task)
+        check_multilabel_options(task, None, "|", examples_per_class)
+        self.task, self.sampler = task, sampler
+        self.class_fraction = {str(k): v for k, v in class_fraction.items()} if class_fraction else None
         if augment not in AUGMENTATIONS:
             raise ConfigError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTATIONS)}.")
         self.preprocessing, self.source = preprocessing, source
@@ -205,6 +224,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def _load(self) -> dict[str, Split]:
         args = self.source_args
+        if self.source in MULTILABEL_IMAGES:
+            return MULTILABEL_IMAGES[self.source]()
         if self.source in EMBEDDED_IMAGES:
             return load_embedded(self.source)
         if self.source == "image_folder":
@@ -212,7 +233,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         return load_torchvision(args["name"], args["root"], bool(args["download"]), args["options"])
 
     def _keep(self, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
-        if self.keep_classes is None:
+        if self.keep_classes is None or self.task == "multilabel":  # multi-label: data.classes fixes the order
             return images, labels
         mask = np.isin(labels, self.keep_classes)
         if not mask.any():
@@ -225,8 +246,12 @@ class ImageClassificationDataModule(ClassificationDataModule):
     def _split(self, splits: dict[str, Split]) -> dict[str, Split]:
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         images, labels = splits["train"]
+        if self.class_fraction:
+            kept = cut_classes(labels, self.class_fraction, self.seed)
+            images, labels = images[kept], labels[kept]
         missing = {s for s in ("validation", "test") if s not in splits}
-        indices = self._split_indices(labels, missing)
+        # label sets are not stratified (a seeded random split)
+        indices = self._split_indices(labels if self.task != "multilabel" else np.zeros(len(labels)), missing)
         return {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
 
     def setup(self, stage: str | None = None) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ftlab.utils.errors import DataError
 
-TASKS = ("classification", "regression")
+TASKS = ("classification", "regression", "multilabel")
 
 
 def _name(value: object) -> str:
@@ -25,7 +25,11 @@ def _name(value: object) -> str:
 
 
 class LabelMap:
-    """Ordered label names; ids are positions. ``names`` is ``None`` for regression."""
+    """Ordered label names; ids are positions. ``names`` is ``None`` for regression.
+
+    ``task=multilabel``: values are label sets (lists of names, see :mod:`ftlab.data.multilabel`) and ``encode``
+    gives multi-hot float rows (N, C).
+    """
 
     def __init__(self, names: Sequence[str] | None, task: str = "classification"):
         self.task = task
@@ -41,7 +45,7 @@ class LabelMap:
             return cls(None, task)
         if keep is not None:
             return cls([_name(v) for v in keep], task)
-        unique = {_name(v) for v in values}
+        unique = {_name(v) for v in values} if task != "multilabel" else {_name(v) for s in values for v in s}
         try:
             names = sorted(unique, key=float)
         except ValueError:
@@ -61,6 +65,8 @@ class LabelMap:
                 raise DataError(
                     f"{key}: task=regression needs numeric labels in the {split} data ({err})."
                 ) from err
+        if self.task == "multilabel":
+            return self._multi_hot(values, split, key)
         names = [_name(v) for v in values]
         unseen = sorted({n for n in names if n not in self._ids})
         if unseen:
@@ -69,6 +75,20 @@ class LabelMap:
                 f"(training labels: {self.names[:20]}). Fix the labels, or choose the kept labels with data.labels."
             )
         return np.asarray([self._ids[n] for n in names], dtype=np.int64)
+
+    def _multi_hot(self, sets: Sequence[object], split: str, key: str) -> np.ndarray:
+        rows = np.zeros((len(sets), self.num_classes), dtype=np.float32)
+        for row, names in enumerate(sets):
+            ids = [self._ids.get(_name(n), -1) for n in names]  # type: ignore[attr-defined]
+            if -1 in ids:
+                unseen = sorted(_name(n) for n, i in zip(names, ids, strict=True) if i < 0)  # type: ignore[call-overload]
+                raise DataError(
+                    f"The {split} data has label(s) {unseen[:10]} in {key} that the training data does not have "
+                    f"(training labels: {(self.names or [])[:20]}). Fix the labels, or give the label set with "
+                    "data.labels=[...]."
+                )
+            rows[row, ids] = 1.0
+        return rows
 
     def to_dict(self) -> dict:
         return {"task": self.task, "names": self.names}

@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ftlab.data.base import ClassificationDataModule
+from ftlab.data.imbalance import check_class_fraction, check_sampler, cut_classes
 from ftlab.data.labels import TASKS, LabelMap
+from ftlab.data.multilabel import check_multilabel_options, table_labels
 from ftlab.data.samplers import LengthBucketSampler
 from ftlab.data.sources import SPLITS, load_text_source, require_columns
 from ftlab.utils.devices import check_auto_or_count, on_cuda, pad_multiple, padded_width
@@ -177,8 +179,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         train_file, validation_file, test_file: tables for ``source=files`` (CSV/TSV/JSONL/Parquet).
         hub_name, hub_config, hub_splits: an HF hub dataset for ``source=hf_hub`` (needs internet or a warm cache).
         text_column, text_pair_column, label_column: columns of the tables.
+        label_columns: several 0/1 columns, one per label (``task=multilabel``; instead of ``label_column``).
+        label_separator: between label names in ``label_column`` for ``task=multilabel`` (``a|b``; a JSON list
+            ``["a", "b"]`` or a list in JSONL/Parquet is read as it is).
         labels: keep only these labels, in this order (default: all labels of the training split, sorted).
-        task: ``classification`` or ``regression``.
+        task: ``classification``, ``regression`` or ``multilabel`` (:mod:`ftlab.data.multilabel`).
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
         max_length: truncation length in tokens (at most the backbone's limit).
@@ -192,6 +197,10 @@ class TextClassificationDataModule(ClassificationDataModule):
             ``pin_memory`` ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
         pad_to_multiple_of: round each dynamically padded batch's width up to a multiple of this (at most
             ``max_length``); ``auto``: 8 on a CUDA device (few distinct shapes, tensor-core friendly), 1 on CPU.
+        sampler: ``none`` (length buckets or a seeded shuffle) or ``balanced`` (classes drawn equally; replaces
+            the buckets; :class:`~ftlab.data.imbalance.BalancedClassSampler`).
+        class_fraction: keep this share of the named classes of the source's training table, e.g.
+            ``{rotten: 0.1}``, before validation/test are held out of it (an imbalanced set; seeded).
     """
 
     def __init__(
@@ -223,6 +232,10 @@ class TextClassificationDataModule(ClassificationDataModule):
         padding: str = "longest",
         pin_memory: bool | str = "auto",
         pad_to_multiple_of: int | str = "auto",
+        sampler: str = "none",
+        class_fraction: dict[str, float] | None = None,
+        label_columns: list[str] | None = None,
+        label_separator: str = "|",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         if padding not in PADDING:
@@ -230,6 +243,12 @@ class TextClassificationDataModule(ClassificationDataModule):
         check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
         if task not in TASKS:
             raise ConfigError(f"data.task={task!r} is not supported; use one of {', '.join(TASKS)}.")
+        check_sampler(sampler, task)
+        check_class_fraction(class_fraction, task)
+        check_multilabel_options(task, label_columns, label_separator, examples_per_class)
+        self.label_columns = [str(c) for c in label_columns] if label_columns else None
+        self.label_separator = label_separator
+        self.sampler, self.class_fraction = sampler, dict(class_fraction) if class_fraction else None
         if max_length > preprocessing.max_length:
             raise ConfigError(
                 f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
@@ -249,7 +268,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.columns = {
             "text_column": text_column,
             "text_pair_column": text_pair_column,
-            "label_column": label_column,
+            "label_column": None if label_columns else label_column,
         }
         self.keep_labels, self.task = labels, task
         self.max_length = max_length
@@ -293,8 +312,14 @@ class TextClassificationDataModule(ClassificationDataModule):
     def _split(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         train = tables["train"].reset_index(drop=True)
-        label = train[self.columns["label_column"]]
-        stratify_on = label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
+        if self.class_fraction:
+            kept = cut_classes(train[self.columns["label_column"]].to_numpy(), self.class_fraction, self.seed)
+            train = train.iloc[kept].reset_index(drop=True)
+        if self.task == "multilabel":  # label sets are not stratified: a seeded random split
+            stratify_on = np.zeros(len(train))
+        else:
+            label = train[self.columns["label_column"]]
+            stratify_on = label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
         missing = {s for s in ("validation", "test") if s not in tables}
         indices = self._split_indices(stratify_on, missing)
         return {
@@ -305,7 +330,8 @@ class TextClassificationDataModule(ClassificationDataModule):
     def _clean(self, frame: pd.DataFrame, split: str) -> pd.DataFrame:
         text, pair, label = (self.columns[k] for k in ("text_column", "text_pair_column", "label_column"))
         require_columns(frame, self.columns, split)
-        used = [c for c in (text, pair, label) if c is not None]
+        require_columns(frame, {f"label_columns[{i}]": c for i, c in enumerate(self.label_columns or [])}, split)
+        used = [c for c in (text, pair, label, *(self.label_columns or [])) if c is not None]
         clean = frame.dropna(subset=used)
         if len(clean) < len(frame):
             log.warning(
@@ -333,12 +359,19 @@ class TextClassificationDataModule(ClassificationDataModule):
         tables = {split: self._clean(frame, split) for split, frame in tables.items()}
         tables = self._split(tables)
         label = self.columns["label_column"]
-        self.label_map = LabelMap.from_train(tables["train"][label].tolist(), self.task, self.keep_labels)
+        keep = self.keep_labels if self.keep_labels is not None else self.label_columns
+
+        def values(frame: pd.DataFrame, split: str) -> list[Any]:
+            args = (self.task, label, self.label_columns, self.label_separator, split)
+            return table_labels(frame, *args)
+
+        self.label_map = LabelMap.from_train(values(tables["train"], "train"), self.task, keep)
         tokenizer = self.tokenizer
         self._base_collate()
         for split in SPLITS:
             frame = tables[split]
-            labels = self.label_map.encode(frame[label].tolist(), split, f"data.label_column={label!r}")
+            key = f"data.label_column={label!r}" if label else "data.label_columns"
+            labels = self.label_map.encode(values(frame, split), split, key)
             pair_column = self.columns["text_pair_column"]
             texts = frame[self.columns["text_column"]].astype(str).tolist()
             pairs = frame[pair_column].astype(str).tolist() if pair_column else None
@@ -359,7 +392,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         return PadCollator(collate.pad_id, collate.width, multiple, collate.cap)
 
     def train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
-        if not self.bucketing:
+        if not self.bucketing or self.sampler != "none":
             return super().train_sampler(dataset)
         trainer, epoch = self.trainer, self._epoch()
         # under DDP each rank takes its slice of every bucket (see LengthBucketSampler); Lightning leaves it as is

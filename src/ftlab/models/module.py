@@ -209,6 +209,7 @@ class FinetuneModule(pl.LightningModule):
         self._log_epoch_metrics("train")
 
     def on_validation_epoch_end(self) -> None:
+        self.task.on_validation_epoch_end(self.metrics["val_metrics"])  # before ModelCheckpoint saves
         self._log_epoch_metrics("val")
 
     def on_test_epoch_end(self) -> None:

@@ -7,12 +7,14 @@ from typing import Any
 
 from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
 from ftlab.tasks.classification import ClassificationTask, RegressionTask
+from ftlab.tasks.multilabel import MultiLabelTask
 from ftlab.utils.errors import ConfigError
 
 # name -> class; the token-classification and multi-label tasks register themselves below when present
 TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     RegressionTask.name: RegressionTask,
+    MultiLabelTask.name: MultiLabelTask,
 }
 
 
@@ -59,6 +61,7 @@ __all__ = [
     "TASKS",
     "ClassificationTask",
     "Evaluator",
+    "MultiLabelTask",
     "RegressionTask",
     "Task",
     "build_task",

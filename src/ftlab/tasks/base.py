@@ -91,6 +91,13 @@ class Task(nn.Module):
         """Collects a split's outputs for ``ftlab-eval`` and writes the task's report."""
         raise NotImplementedError
 
+    # --- training hooks ---------------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, metrics: torchmetrics.MetricCollection) -> None:
+        """Called with the validation metrics before they are computed (multi-label tunes its thresholds then)."""
+
+    def write_files(self, run_dir: Path) -> None:
+        """Files the task adds to the run folder after testing (multi-label: ``thresholds.json``)."""
+
     # --- checkpoint hyper-parameters --------------------------------------------------------------------------
     def hparams(self) -> dict[str, Any]:
         """What rebuilding the task needs besides ``num_labels``/``label_names`` (saved with the module)."""
