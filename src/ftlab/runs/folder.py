@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ftlab.runs.choices import check_sweep_choices, resume_run_overrides  # group choices on resume
 from ftlab.utils.errors import ConfigError, DataFileError, FtlabError, ModelLoadError
 
 # conf/ sits at the repository root (the design card's layout) and installs as the package ftlab.conf
@@ -110,7 +111,7 @@ def resume_argv(argv: list[str]) -> list[str]:
     config = run_dir / CONFIG_FILE
     if not config.is_file():
         raise DataFileError(f"resume={values[-1]}: {config} does not exist; give the folder of an ftlab run.")
-    rest = [a for a in argv if not a.startswith("resume=")]
+    rest = resume_run_overrides(run_dir, config, [a for a in argv if not a.startswith("resume=")])
     return [
         "--config-path",
         str(config.parent),
@@ -141,6 +142,7 @@ def _resume_sweep_argv(argv: list[str], value: str) -> list[str]:
             "sweep (outputs/multirun/<name>_<time>), and the same sweep overrides as the first time."
         )
     rest = [a for a in argv if not a.startswith("resume=")]
+    check_sweep_choices(sweep_dir, sweep_dir / MULTIRUN_FILE, rest)
     return [*rest, f"hydra.sweep.dir={sweep_dir}", "resume=true"]
 
 

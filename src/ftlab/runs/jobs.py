@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import disk_errors
 
 log = logging.getLogger("ftlab.jobs")
 
@@ -181,7 +182,8 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
         _prepare_multirun(cfg, output_dir)
     threads = set_threads()
     try:
-        metrics = train(cfg)
+        with disk_errors(output_dir):  # a full disk or read-only folder: one paragraph naming the folder
+            metrics = train(cfg)
     except Exception as err:
         err = folder.user_error(err) or err  # the user error behind Hydra's InstantiationException, if any
         write_status(

@@ -1,0 +1,155 @@
+"""Faults (issue 18): resume with the original command, untrusted files, full disks, shared caches, kills.
+
+Every test runs the tiny BERT on the tiny review table, on the CPU, through the real command line where the
+behaviour is the command line's.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import only_run_dir, read_json, run_cli, tiny_reviews, tiny_text_overrides
+
+QUICK = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+         "trainer.num_sanity_val_steps=0", "seed=7"]  # fmt: skip
+
+
+def _epoch(run: Path) -> int:
+    return torch.load(run / "checkpoints/last.ckpt", weights_only=True)["epoch"]
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A run stopped after its first epoch (copied by the tests that change it), and its command line."""
+    tmp = tmp_path_factory.mktemp("started")
+    csv = tmp / "reviews.csv"
+    tiny_reviews().to_csv(csv, index=False)
+    first = [*tiny_text_overrides(csv, tmp), *QUICK, f"paths.log_dir={tmp}/out"]
+    proc = run_cli("train", [*first, "trainer.max_epochs=1"], cwd=tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return only_run_dir(tmp / "out"), first
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run, tmp_path / "out" / "train" / run.name))
+
+
+def test_resume_with_the_command_the_run_was_started_with(started, tmp_path):
+    run, first = _copy(started[0], tmp_path), started[1]
+    assert _epoch(run) == 0
+
+    # up-arrow, resume=<run> added, one more epoch: model=tiny_bert and data=text_files are the run's own choices
+    resumed = run_cli("train", [*first, "trainer.max_epochs=2", f"resume={run}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _epoch(run) == 1  # the value override applied: a second epoch, in the same folder
+    first_record = [*first, "trainer.max_epochs=1"]
+    assert read_json(run / "metrics.json")["overrides"] == first_record  # the record of the first start
+    assert [p.name for p in run.parent.iterdir()] == [run.name]
+    assert [p.name for p in started[0].parent.iterdir()] == [
+        run.name
+    ]  # paths.log_dir of the command: no new run
+
+    before = (run / "checkpoints/last.ckpt").read_bytes()
+    other = run_cli("train", [*first, "finetune=head_only", f"resume={run}"], cwd=tmp_path)
+    assert other.returncode == 2
+    message = other.stderr.strip().splitlines()
+    assert "finetune=head_only is not the choice the run was started with (finetune=full)" in message[-1]
+    assert "Traceback" not in other.stderr and (run / "checkpoints/last.ckpt").read_bytes() == before
+
+
+def _limited(args: list[str], cwd: Path, max_bytes: int) -> subprocess.CompletedProcess:
+    """``python -m ftlab.train args`` with files limited to ``max_bytes`` (``ulimit -f``; root ignores chmod)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ftlab.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)  # fmt: skip
+
+
+def test_a_full_disk_stops_the_run_in_one_paragraph_and_keeps_the_good_checkpoint(started, tmp_path):
+    run = _copy(started[0], tmp_path)
+    kept = {p: p.read_bytes() for p in (run / "checkpoints/last.ckpt", run / "checkpoints/best.ckpt")}
+    proc = _limited([f"resume={run}", "trainer.max_epochs=2"], tmp_path, 1 << 20)  # a checkpoint is 12 MB
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert f"ftlab could not write to {run} (File too large)" in message and "ulimit -f" in message
+    assert "Traceback" not in proc.stderr
+    assert all(path.read_bytes() == data for path, data in kept.items())  # the good checkpoints, untouched
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "best.ckpt",
+        "last.ckpt",
+    ]  # no temp left
+    assert read_json(run / "status.json")["type"] == "DiskWriteError"
+
+
+SHARED = ["model=tiny_bert", "finetune=head_only", "data.max_train_examples=48", "trainer.max_epochs=2",
+          "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
+          "trainer.num_sanity_val_steps=0", "optimizer.lr=0.001,0.002,0.003"]  # fmt: skip
+
+
+def _cache_contents(cache: Path) -> dict[str, object]:
+    """Every cache entry (by its key) as arrays: token ids per split and the feature tensors."""
+    import numpy as np
+
+    out: dict[str, object] = {}
+    for path in sorted((cache / "tokens").glob("*.npz")):
+        with np.load(path) as arrays:
+            out[path.name] = {k: arrays[k].tolist() for k in arrays.files}
+    for path in sorted((cache / "features").glob("*.pt")):
+        saved = torch.load(path, weights_only=True)
+        out[path.name] = {split: [t.tolist() for t in tensors] for split, tensors in saved.items()}
+    return out
+
+
+@pytest.mark.slow  # two sweeps and a run: about a minute of CPU
+def test_two_sweeps_started_together_share_a_cold_cache(tmp_path):
+    cache, env = tmp_path / "cache", {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    env["FTLAB_FAULT"] = (
+        "tokens:sleep=0.5,features:sleep=0.5"  # hold each write open: the sweeps overlap there
+    )
+    sweeps = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ftlab.train",
+                "-m",
+                *SHARED,
+                f"paths.cache_dir={cache}",
+                f"hydra.sweep.dir={tmp_path / name}",
+                "callbacks.progress_bar.kind=log",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    logs = [sweep.communicate(timeout=400)[0] for sweep in sweeps]
+    assert [sweep.returncode for sweep in sweeps] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    statuses = [
+        read_json(tmp_path / name / str(i) / "status.json")["status"] for name in "ab" for i in range(3)
+    ]
+    assert statuses == ["completed"] * 6
+    assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left behind
+
+    alone = tmp_path / "alone"  # the same run, alone, with a cache of its own
+    single = [o.replace("0.001,0.002,0.003", "0.001") for o in SHARED]
+    proc = run_cli(
+        "train", [*single, f"paths.cache_dir={alone}", f"hydra.run.dir={tmp_path / 'one'}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = _cache_contents(cache)
+    assert shared and any(k.endswith(".pt") for k in shared) and shared == _cache_contents(alone)
