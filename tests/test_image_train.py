@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -111,10 +112,12 @@ def run(tmp_path: Path, overrides: list[str]) -> dict:
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("data", IMAGE_DATA)
 def test_fast_dev_run_per_image_source_and_backbone_family(tmp_path, image_roots, data, family):
+    """Smoke test: each (image source, backbone family) pair builds, runs one train/val/test batch and writes its
+    files. One batch learns nothing, so it makes no claim about accuracy (learning: the tests below)."""
     metrics = run(
         tmp_path, [*data_overrides(data, image_roots), *FAMILIES[family], "debug=fdr", "data.batch_size=8"]
     )
-    assert "test/acc" in metrics and 0.0 <= metrics["test/acc"] <= 1.0
+    assert {"test/acc", "test/f1"} <= set(metrics) and math.isfinite(metrics["test/loss"])
     assert (tmp_path / "backbone.pt").is_file() and (tmp_path / "metrics.json").is_file()
 
 
@@ -155,6 +158,7 @@ def test_backbone_transfer_between_runs(tmp_path):
             "model.backbone.input_size=16",
             f"model.backbone.checkpoint={source}",
             "finetune=head_only",
+            "feature_cache=false",  # the backbone runs in every training step (module in train mode), not once
             "debug=fdr",
         ],
     )
