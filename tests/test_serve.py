@@ -247,9 +247,72 @@ def test_image_export_served_by_onnx_runtime_answers_as_ftlab_predict(image_serv
     bad = image_server.client.post(
         "/predict", json={"images": [images[0], base64.b64encode(b"not an image").decode()]}
     )
-    assert bad.status_code == 422 and "images[1] is not an image" in bad.json()["error"]
+    assert bad.status_code == 422 and "images[1] is not an image that can be read" in bad.json()["error"]
     assert (
         image_server.client.post("/predict", json={"images": ["%%%"]})
         .json()["error"]
         .startswith("images[0] is not valid base64")
     )
+
+
+def train_text_run(tmp: Path, table, overrides: list[str]) -> Path:
+    csv = tmp / "table.csv"
+    table.to_csv(csv, index=False)
+    fast = ["trainer.max_epochs=1", "data.batch_size=16", "monitor=val/loss", "monitor_mode=min"]
+    cfg = compose_cfg([*tiny_text_overrides(csv, tmp), *fast, *overrides], tmp / "run")
+    train(cfg)
+    save_run_config(cfg, tmp / "run")
+    return tmp / "run"
+
+
+def assert_rows_close(got, expected, tolerance: float = 1e-5) -> None:
+    """Same keys, same strings and label sets, numbers within ``tolerance``."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected)
+        for key in expected:
+            assert_rows_close(got[key], expected[key], tolerance)
+    elif isinstance(expected, list):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            assert_rows_close(g, e, tolerance)
+    elif isinstance(expected, float):
+        assert got == pytest.approx(expected, abs=tolerance)
+    else:
+        assert got == expected
+
+
+@pytest.mark.parametrize("kind", ["pairs_regression", "multilabel"])
+def test_batched_requests_of_other_tasks_decode_as_ftlab_predict(kind, tmp_path, monkeypatch):
+    """The worker's side without HTTP: requests of a pair-regression and a multi-label run, batched together."""
+    from ftlab.serving import api as serving_api
+    from ftlab.serving.source import Source
+
+    reviews = tiny_reviews(12)
+    if kind == "pairs_regression":
+        table = reviews.assign(
+            other=reviews["review"].str.upper(), score=(reviews["stars"] == "pos") * 4.0 + 1
+        )
+        overrides = ["data.text_pair_column=other", "data.label_column=score", "data.task=regression"]
+    else:
+        tags = {"pos": "good|warm", "neg": "bad"}
+        table = reviews.assign(tags=reviews["stars"].map(tags))
+        overrides = ["data.label_column=tags", "data.task=multilabel"]
+    run = train_text_run(tmp_path, table.drop(columns=["stars"]), overrides)
+    table.iloc[:5].to_csv(tmp_path / "inputs.csv", index=False)
+    expected = predicted(run, str(tmp_path / "inputs.csv"), tmp_path / "p.jsonl")
+
+    pairs = kind == "pairs_regression"
+    monkeypatch.setattr(serving_api, "RULES", serving_api.Rules(pairs=pairs, max_items=8))
+    with pytest.raises(ValueError, match="pairs" if pairs else "single texts"):
+        serving_api.PredictRequest(inputs="x", **({} if pairs else {"pairs": "y"}))
+    texts, others = table["review"].tolist()[:5], table["other"].tolist()[:5] if pairs else None
+    bodies = [{"inputs": texts[:2]}, {"inputs": texts[2]}, {"inputs": texts[3:]}]
+    if pairs:
+        for body, part in zip(bodies, (others[:2], others[2], others[3:]), strict=True):
+            body["pairs"] = part
+    api = serving_api.ServeAPI(Source(run), "cpu", 0, top_k=2, max_batch_size=4, max_wait_ms=1)
+    api.setup("cpu")
+    answers = api.predict([api.decode_request(serving_api.PredictRequest(**b)) for b in bodies])
+    rows = [row for answer in answers for row in answer]
+    assert [len(a) for a in answers] == [2, 1, 2]
+    assert_rows_close(rows, expected)

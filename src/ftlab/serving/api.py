@@ -37,16 +37,20 @@ def _as_list(value: str | list[str] | None) -> list[str] | None:
 
 
 def _check_image(index: int, data: str) -> None:
-    from PIL import Image
+    """Decoded here with the reader training and prediction use, so that no worker meets an unreadable image."""
+    from ftlab.data.image_files import ImageReadError, read_image
 
     try:
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as image:
-            image.verify()
     except (binascii.Error, ValueError) as err:
         raise ValueError(f"images[{index}] is not valid base64 ({err})") from None
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ...) for bytes that are no image
-        raise ValueError(f"images[{index}] is not an image PIL can read ({type(err).__name__})") from None
+    try:
+        read_image(io.BytesIO(raw))  # type: ignore[arg-type]  # PIL opens file objects as well as paths
+    except ImageReadError as err:
+        reason = err.__cause__ or err
+        raise ValueError(
+            f"images[{index}] is not an image that can be read ({type(reason).__name__}: {reason})"
+        ) from None
 
 
 class PredictRequest(BaseModel):
