@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import only_run_dir, read_json, run_cli, tiny_reviews, tiny_text_overrides
+from conftest import ROOT, only_run_dir, read_json, run_cli, tiny_reviews, tiny_text_overrides
 
 QUICK = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
          "trainer.num_sanity_val_steps=0", "seed=7"]  # fmt: skip
@@ -153,3 +153,45 @@ def test_two_sweeps_started_together_share_a_cold_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = _cache_contents(cache)
     assert shared and any(k.endswith(".pt") for k in shared) and shared == _cache_contents(alone)
+
+
+def test_a_kill_inside_a_write_leaves_the_previous_file_whole(tmp_path):
+    """SIGKILL at the ``metrics`` write point, after half of the new file is written: the old one is intact."""
+    path = tmp_path / "metrics.json"
+    path.write_text('{"old": 1}\n')
+    code = "from pathlib import Path; from ftlab.runs import folder; folder.write_metrics(Path(r'%s'), {'new': 2})"
+    env = {**os.environ, "FTLAB_FAULT": "metrics"}
+    proc = subprocess.run([sys.executable, "-c", code % path], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == -9  # killed by SIGKILL, inside the write
+    assert read_json(path) == {"old": 1}
+    [left] = [
+        p for p in tmp_path.iterdir() if p != path
+    ]  # the half-written temporary file, never read as valid
+    assert left.name.startswith(".metrics.json.") and left.name.endswith(".tmp")
+
+
+def test_resume_falls_back_to_the_previous_good_checkpoint_with_a_warning(tmp_path, caplog):
+    from ftlab.runs import folder
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    assert folder.resume_checkpoint(tmp_path) is None  # stopped before its first checkpoint: start again
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(3)}}, ckpts / "best.ckpt")
+    torch.save({"epoch": 2, "state_dict": {"w": torch.ones(300)}}, ckpts / "last.ckpt")
+    os.truncate(ckpts / "last.ckpt", 600)  # cut off
+    with caplog.at_level("WARNING"):
+        assert folder.resume_checkpoint(tmp_path) == ckpts / "best.ckpt"
+    assert "last.ckpt could not be read" in caplog.text and "previous good checkpoint" in caplog.text
+
+
+@pytest.mark.slow  # five tiny runs in subprocesses: about a minute of CPU
+def test_runs_killed_inside_checkpoint_writes_resume_to_the_uninterrupted_metrics(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import fault_injection
+    finally:
+        sys.path.pop(0)
+    summary = fault_injection.main(["--cases", "checkpoint_epoch1_save2,damaged_last", "--random", "0",
+                                    "--out", str(tmp_path)])  # fmt: skip
+    assert (summary["kills"], summary["recovered"], summary["lost"]) == (2, 2, 0), summary
+    assert [c["fell_back"] for c in summary["cases"]] == [False, True]  # damaged last.ckpt: best.ckpt used

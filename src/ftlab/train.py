@@ -25,6 +25,7 @@ from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
 from ftlab.utils.devices import resolve_precision
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import atomic_write
 
 log = logging.getLogger("ftlab.train")
 
@@ -121,7 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.task.write_files(output_dir)  # e.g. the best checkpoint's multi-label thresholds
     # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them
     if cfg.save_backbone and trainer.is_global_zero:
-        torch.save(module.backbone.state_dict(), output_dir / folder.BACKBONE_FILE)
+        state = module.backbone.state_dict()
+        atomic_write(output_dir / folder.BACKBONE_FILE, lambda tmp: torch.save(state, tmp), point="backbone")
     if backbone.loaded_checkpoint:
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})

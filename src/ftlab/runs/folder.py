@@ -11,6 +11,7 @@ from typing import Any
 
 from ftlab.runs.choices import check_sweep_choices, resume_run_overrides  # group choices on resume
 from ftlab.utils.errors import ConfigError, DataFileError, FtlabError, ModelLoadError
+from ftlab.utils.safe_files import atomic_write
 
 # conf/ sits at the repository root (the design card's layout) and installs as the package ftlab.conf
 # (pyproject.toml maps it): Hydra reads it the same way from a clone (editable install) and from a wheel.
@@ -69,8 +70,9 @@ def check_fresh(output_dir: Path) -> None:
         )
 
 
-def resume_checkpoint(run_dir: Path) -> Path:
-    """``last.ckpt``, or ``best.ckpt`` with a warning if ``last.ckpt`` is damaged (read through ``read_checkpoint``).
+def resume_checkpoint(run_dir: Path) -> Path | None:
+    """``last.ckpt``, or ``best.ckpt`` with a warning if ``last.ckpt`` is damaged (read through ``read_checkpoint``);
+    ``None`` (start again) for a run that was stopped before its first checkpoint.
 
     A checkpoint that holds pickled objects is refused, not skipped: someone put it there.
     """
@@ -78,8 +80,9 @@ def resume_checkpoint(run_dir: Path) -> Path:
     import pickle
 
     candidates = [run_dir / name for name in (LAST_CKPT, BEST_CKPT) if (run_dir / name).is_file()]
-    if not candidates:
-        raise DataFileError(f"resume={run_dir}: there is no {LAST_CKPT} to continue from.")
+    if not candidates:  # killed before its first checkpoint: nothing is lost by starting again
+        logging.getLogger(__name__).warning("resume=%s: no checkpoint yet; the run starts again.", run_dir)
+        return None
     problems = []
     for ckpt in candidates:
         try:
@@ -156,9 +159,8 @@ def _plain(value: Any) -> Any:
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """Write atomically: a reader (``ftlab-report``, a resumed sweep) never sees half a file."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    text = json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text), point="metrics")
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError
-from ftlab.utils.safe_files import disk_errors
+from ftlab.utils.safe_files import atomic_write, disk_errors
 
 log = logging.getLogger("ftlab.jobs")
 
@@ -96,9 +96,8 @@ def write_status(run_dir: Path, status: str, **fields: Any) -> None:
         return  # one record per job, from rank 0
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
-    tmp = run_dir / (folder.STATUS_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run_dir / folder.STATUS_FILE)
+    text = json.dumps(record, indent=2) + "\n"
+    atomic_write(run_dir / folder.STATUS_FILE, lambda tmp: tmp.write_text(text), point="status")
 
 
 def set_threads(launcher: Any = None) -> int:
