@@ -149,6 +149,8 @@ def frozen_prefix(module: Any, max_epochs: int) -> tuple[int, str | None]:
     """``(k, None)`` when the bottom ``k`` backbone groups are frozen and deterministic for the whole run, else
     ``(0, reason)``; ``k`` equal to the number of backbone groups means the whole backbone."""
     policy, names = module.policy, module.group_names
+    if getattr(module, "adversarial", None) is not None:
+        return 0, "adversarial training perturbs the backbone's inputs every step"
     backbone_groups = [n for n in names if n != HEAD]
     epochs = range(max_epochs if max_epochs and 0 < max_epochs < 1000 else 1000)
     frozen = policy.frozen(names, 0)

@@ -20,6 +20,7 @@ from ftlab.finetuning.groups import (
     set_trainable,
 )
 from ftlab.finetuning.policy import FinetunePolicy
+from ftlab.models.adversarial import Adversary
 from ftlab.models.backbones.contract import SplittableBackbone, TokenBackbone
 from ftlab.models.clipping import clip_in_fused_step, fused_clipping_applies
 from ftlab.tasks import ClassificationTask, RegressionTask, Task
@@ -38,6 +39,7 @@ class FinetuneModule(pl.LightningModule):
         optimizer: a partial optimizer (``lr`` and ``weight_decay`` as its keywords) completed with parameter groups.
         scheduler: a partial of :mod:`ftlab.models.schedules` completed with the optimizer and step count, or None.
         task_options: the ``module.*`` options the task was built with (saved, so a run is rebuilt the same way).
+        adversarial: adversarial training (:mod:`ftlab.models.adversarial`, ``adversarial=fgm``); None: plain steps.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class FinetuneModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., dict[str, Any]] | None = None,
         task_options: dict[str, Any] | None = None,
+        adversarial: Adversary | None = None,
     ):
         super().__init__()
         if task.level == "token" and not isinstance(backbone, TokenBackbone):
@@ -68,6 +71,7 @@ class FinetuneModule(pl.LightningModule):
         )
         self.backbone, self.head, self.policy, self.task = backbone, head, policy, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.adversarial = adversarial
         self.fixed = policy.prepare(backbone)  # re-init, PEFT wrapping: before the groups are built
         self.groups = build_groups(backbone, head)
         self.group_names = [g.name for g in self.groups]
@@ -184,6 +188,8 @@ class FinetuneModule(pl.LightningModule):
         return bool(getattr(connector, "should_update_logs", True))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.adversarial is not None:  # its extra passes call _step for the clean loss and metrics
+            return self.adversarial.training_loss(self, batch, batch_idx)
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

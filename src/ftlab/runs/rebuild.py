@@ -101,6 +101,7 @@ def build_module(
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         task_options=options,
+        adversarial=make(cfg.adversarial) if cfg.get("adversarial") else None,
     )
 
 

@@ -56,5 +56,14 @@ class SplittableBackbone(Protocol):
     ) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class EmbeddingBackbone(Protocol):
+    """Exposes its word-embedding module, whose output (B, T, H) adversarial training perturbs
+    (:mod:`ftlab.models.adversarial`; HF models call it ``get_input_embeddings()``, its output is what
+    ``inputs_embeds`` carries). Image batches are perturbed in ``pixel_values`` and need no such ability."""
+
+    def input_embeddings(self) -> nn.Module: ...
+
+
 def can_split(backbone: Any) -> bool:
     return isinstance(backbone, SplittableBackbone) and backbone.can_split()

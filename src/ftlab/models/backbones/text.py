@@ -120,6 +120,10 @@ class HFTextBackbone(nn.Module):
         """The last layer's hidden states, one vector per token: (batch, tokens, hidden)."""
         return self.model(**{k: batch[k] for k in self.input_names if k in batch}).last_hidden_state
 
+    def input_embeddings(self) -> nn.Module:
+        """The word-embedding module (``EmbeddingBackbone``: adversarial training perturbs its output)."""
+        return self.model.get_input_embeddings()
+
     # --- split at a layer group (the feature cache runs a frozen prefix once, the rest every step) ------------
     def can_split(self) -> bool:
         """Whether :meth:`forward_until` / :meth:`forward_from` work: BERT-style encoders of transformers 5."""
