@@ -45,7 +45,11 @@ def _trim(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor
     part = {k: v[rows] for k, v in batch.items()}
     if "attention_mask" in part:
         width = int(part["attention_mask"].sum(1).max())
-        part = {k: v[:, :width] if v.ndim == 2 and k != "labels" else v for k, v in part.items()}
+        # token inputs (B, T) and per-token labels (B, T) long; not multi-hot labels (B, C) float
+        per_token = {
+            k for k, v in part.items() if v.ndim == 2 and (k != "labels" or not v.is_floating_point())
+        }
+        part = {k: v[:, :width] if k in per_token else v for k, v in part.items()}
     return part
 
 

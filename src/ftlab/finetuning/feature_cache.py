@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
 from ftlab.models.backbones.contract import can_split
+from ftlab.preemption import resume_sampler
+from ftlab.tasks.base import IGNORE_INDEX
 from ftlab.utils.devices import loader_settings, on_cuda, padded_width
 from ftlab.utils.safe_files import atomic_write, read_cached_tensors
 
@@ -56,15 +58,19 @@ class FeatureDataset(Dataset):
 class HiddenStateDataset(Dataset):
     """Cached hidden states after a frozen prefix, stored flat: example i is ``hidden[offsets[i]:offsets[i+1]]``."""
 
-    def __init__(self, hidden: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor):
+    def __init__(
+        self, hidden: torch.Tensor, offsets: torch.Tensor, labels: torch.Tensor, per_token: bool = False
+    ):
         self.hidden, self.offsets, self.labels = hidden, offsets, labels
+        self.per_token = per_token  # token-level tasks: labels stored flat like the hidden states
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.offsets) - 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
-        return {"hidden_states": self.hidden[start:end], "labels": self.labels[index]}
+        labels = self.labels[start:end] if self.per_token else self.labels[index]
+        return {"hidden_states": self.hidden[start:end], "labels": labels}
 
 
 class HiddenStateCollator:
@@ -83,7 +89,12 @@ class HiddenStateCollator:
         for row, item in enumerate(items):
             hidden[row, : len(item["hidden_states"])] = item["hidden_states"]
             mask[row, : len(item["hidden_states"])] = 1
-        labels = torch.stack([item["labels"] for item in items])
+        if items[0]["labels"].ndim == 1:  # per token (T_i,): padded like the hidden states
+            labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+            for row, item in enumerate(items):
+                labels[row, : len(item["labels"])] = item["labels"]
+        else:
+            labels = torch.stack([item["labels"] for item in items])
         return {
             "hidden_states": hidden,
             "attention_mask": mask,
@@ -120,6 +131,7 @@ class CachedFeatureDataModule(TensorDictDataModule):
         if train:
             self.source.trainer = self.trainer  # the sampler reads the epoch and DDP rank from it
             sampler = self.source.train_sampler(self.source.datasets["train"])
+            sampler = resume_sampler(sampler, self.trainer, self.source.batch_size)  # mid-epoch resume
         collate = self.collate
         if isinstance(collate, HiddenStateCollator):  # widths rounded as the text module's batches would be
             text = self.source.collator(cuda=on_cuda(self.trainer))
@@ -164,7 +176,9 @@ def frozen_prefix(module: Any, max_epochs: int) -> tuple[int, str | None]:
     frozen_params = [p for g in module.groups[:k] for _, p in g.params]
     if any(p.requires_grad for p in frozen_params):
         return 0, "the frozen groups hold trainable parameters (e.g. PEFT adapters inside them)"
-    if k < len(backbone_groups) and not can_split(module.backbone):
+    # per-token tasks cache every token's states: the hidden-state path even when k is all groups
+    per_token = module.task.level == "token"
+    if (k < len(backbone_groups) or per_token) and not can_split(module.backbone):
         return 0, f"the backbone cannot be run from layer group {k} (no forward_until/forward_from)"
     return k, None
 
@@ -217,14 +231,16 @@ def _compute(
         loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, collate_fn=collate)
         parts, labels = [], []
         for batch in loader:
-            labels.append(batch["labels"])
             batch = {key: value.to(device) for key, value in batch.items()}
             if whole:
+                labels.append(batch["labels"].cpu())
                 parts.append(backbone(batch).cpu())  # (B, H)
             else:
                 hidden = cast(Any, backbone).forward_until(k, batch).cpu()  # (B, T, H)
                 lengths = batch["attention_mask"].sum(1).tolist()  # keep each example's real tokens
                 parts += [h[:n] for h, n in zip(hidden, lengths, strict=True)]
+                tags = batch["labels"].cpu()  # (B,) or per token (B, T): trimmed like the states
+                labels += [t[:n] for t, n in zip(tags, lengths, strict=True)] if tags.ndim == 2 else [tags]
         lengths = torch.tensor([0] + [len(p) for p in parts]) if not whole else None
         out[split] = (
             (torch.cat(parts), torch.cat(labels))
@@ -284,8 +300,10 @@ def maybe_cache_features(
     """
     reason = why_not(module, datamodule, max_epochs)
     k, _ = frozen_prefix(module, max_epochs)
-    whole = k == len([n for n in module.group_names if n != HEAD])
-    if reason is None and not whole and not prefix:
+    per_token = module.task.level == "token"
+    all_groups = k == len([n for n in module.group_names if n != HEAD])
+    whole = all_groups and not per_token  # pooled features; per-token tasks cache the states of every token
+    if reason is None and not all_groups and not prefix:
         reason = "caching a partly frozen backbone is opt-in (feature_cache=prefix)"
     if reason is None and not whole:
         tokens = sum(len(d.ids) for d in datamodule.datasets.values())
@@ -299,5 +317,5 @@ def maybe_cache_features(
     saved = _load_or_compute(module, datamodule, k, whole, path, max_gb, device)
     if whole:
         return CachedFeatureDataModule(datamodule, {s: FeatureDataset(*v) for s, v in saved.items()})
-    datasets = {s: HiddenStateDataset(*v) for s, v in saved.items()}
+    datasets = {s: HiddenStateDataset(*v, per_token=per_token) for s, v in saved.items()}
     return CachedFeatureDataModule(datamodule, datasets, HiddenStateCollator(k))

