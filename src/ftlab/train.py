@@ -107,6 +107,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             device=trainer.strategy.root_device,  # computed where training runs
         )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # tensors only
+    best_record = best.record(trainer)  # also from spawned ranks (ddp_spawn)
 
     checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)
     has_best = checkpoint is not None and bool(checkpoint.best_model_path)
@@ -126,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         atomic_write(output_dir / folder.BACKBONE_FILE, lambda tmp: torch.save(state, tmp), point="backbone")
     if backbone.loaded_checkpoint:
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
-    metrics.update({f"best/{cfg.monitor}": best.best, "best_epoch": best.best_epoch, "monitor": cfg.monitor})
+    metrics.update(best_record, monitor=cfg.monitor)
     metrics["task"] = module.task.name
     metrics.update(counts)
     metrics.update(

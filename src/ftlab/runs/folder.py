@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ LABELS_FILE = "labels.json"
 THRESHOLDS_FILE = "thresholds.json"  # a multi-label run's per-label decision thresholds (ftlab.tasks.multilabel)
 STATUS_FILE = "status.json"  # a sweep job's completed/failed record (ftlab.runs.jobs)
 BACKBONE_FILE = "backbone.pt"  # the backbone alone (save_backbone=true), for transfer
+OOF_FILE = "oof_predictions.csv"  # a k-fold run's validation-fold predictions (ftlab.crossval)
 CONFIG_FILE = ".hydra/config.yaml"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
 MULTIRUN_FILE = "multirun.yaml"  # in a sweep folder
@@ -157,8 +159,15 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def is_rank_zero() -> bool:
+    """Whether this process is the first rank (or the only one); ranks launched per process carry env variables."""
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID"))
+
+
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write atomically: a reader (``ftlab-report``, a resumed sweep) never sees half a file."""
+    """Write atomically: a reader (``ftlab-report``, a resumed sweep) never sees half a file. Rank 0 only."""
+    if not is_rank_zero():
+        return  # under ddp every rank runs train(); one record per run
     text = json.dumps({k: _plain(v) for k, v in metrics.items()}, indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text), point="metrics")
 

@@ -92,7 +92,7 @@ def _objective(metrics: dict[str, Any], monitor: str) -> float | None:
 
 
 def write_status(run_dir: Path, status: str, **fields: Any) -> None:
-    if any(os.environ.get(k, "0") != "0" for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID")):
+    if not folder.is_rank_zero():
         return  # one record per job, from rank 0
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
