@@ -11,6 +11,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -316,3 +317,32 @@ def test_batched_requests_of_other_tasks_decode_as_ftlab_predict(kind, tmp_path,
     rows = [row for answer in answers for row in answer]
     assert [len(a) for a in answers] == [2, 1, 2]
     assert_rows_close(rows, expected)
+
+
+def test_the_page_in_a_headless_browser_shows_the_label(text_server, text_run, tmp_path):
+    """Chromium (Debian's chromium + chromium-driver) types a review into the page, submits it, reads the label."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver_path):
+        pytest.skip("no chromium / chromedriver: apt-get install chromium chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    try:
+        driver.get(text_server.url + "/")
+        driver.find_element(By.ID, "text").send_keys(TEXTS[1])
+        driver.find_element(By.ID, "submit").click()
+        label = WebDriverWait(driver, 60).until(lambda d: d.find_element(By.ID, "label").text)
+        cells = [c.text for c in driver.find_elements(By.CSS_SELECTOR, "#probs td")]
+    finally:
+        driver.quit()
+    expected = predicted(text_run, json.dumps(TEXTS[1:2]), tmp_path / "p.jsonl")[0]
+    assert label == expected["label"]
+    assert cells[0] == expected["label"] and float(cells[1]) == pytest.approx(
+        expected["probability"], abs=1e-4
+    )

@@ -50,13 +50,18 @@ form.addEventListener("submit", async event => {{
     const answer = await response.json();
     if (!response.ok) throw new Error(answer.error || response.statusText);
     const row = answer.predictions[0];
-    const shown = "label" in row ? row.label : "value" in row ? row.value.toFixed(4)
-                : JSON.stringify(Object.fromEntries(Object.entries(row).filter(([k]) => k !== "input")));
+    const rest = Object.fromEntries(Object.entries(row).filter(([k]) => k !== "input"));
+    let shown = JSON.stringify(rest), probs = [];
+    if ("label" in row) {{ shown = row.label; probs = (row.top_k || []).map(t => [t.label, t.probability]); }}
+    else if ("labels" in row) {{  // a label set, with every label's probability
+      shown = row.labels.length ? row.labels.join(", ") : "(no label)";
+      probs = Object.entries(row.probabilities).sort((a, b) => b[1] - a[1]);
+    }} else if ("value" in row) shown = row.value.toFixed(4);
     document.getElementById("label").textContent = shown;
-    for (const item of row.top_k || []) {{
+    for (const [name, p] of probs) {{
       const tr = document.getElementById("probs").insertRow();
-      tr.insertCell().textContent = item.label;
-      tr.insertCell().textContent = item.probability.toFixed(4);
+      tr.insertCell().textContent = name;
+      tr.insertCell().textContent = p.toFixed(4);
     }}
   }} catch (err) {{ document.getElementById("error").textContent = err.message; }}
 }});
