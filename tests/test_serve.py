@@ -346,3 +346,24 @@ def test_the_page_in_a_headless_browser_shows_the_label(text_server, text_run, t
     assert cells[0] == expected["label"] and float(cells[1]) == pytest.approx(
         expected["probability"], abs=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "ftlab-serve needs run=<run folder>"),
+        (["run=RUN", "port=80"], "port=80 must be a whole number from 1024 to 65535"),
+        (["export=RUN"], "no export.json or compression.json in it"),
+    ],
+)
+def test_cli_mistakes_exit_2_with_one_paragraph(args, message, tmp_path):
+    args = [a.replace("RUN", str(tmp_path)) for a in args]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ftlab.serving", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
