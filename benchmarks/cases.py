@@ -153,6 +153,7 @@ def build(quick: bool, cache_dir: str, gpu: bool = False) -> list[Case]:
             count_flops=False,
             repetitions=2,  # the ratio is far from 1; the cached runs read the features from disk after the first
         ),
+        _adversarial_case(text, text_batch),
     ]
 
 
@@ -172,6 +173,27 @@ def _overhead_case(cache_dir: str, quick: bool, gpu: bool = False) -> Case:
         *_common(cache_dir, 4, gpu),
     ]
     return Case("tiny_bert/overhead", overrides, 4, steps=20 if quick else 100, warmup=10, count_flops=False)
+
+
+def _adversarial_case(text: list[str], batch: int) -> Case:
+    """Cost per step of adversarial training (issue #15) relative to plain full fine-tuning: FGM (one extra forward
+    and a backward to the embeddings), PGD (K = 3 steps, random start), FreeLB (K = 2) at their config defaults."""
+    variants = {
+        "plain": ("ftlab", []),
+        "fgm": ("ftlab", ["adversarial=fgm"]),
+        "pgd": ("ftlab", ["adversarial=pgd"]),
+        "freelb": ("ftlab", ["adversarial=freelb"]),
+    }
+    return Case(
+        "minilm_rt/adversarial",
+        [*text, "finetune=full"],
+        batch,
+        tuple(variants),
+        variants=variants,
+        baseline="plain",
+        count_flops=False,
+        repetitions=2,  # the ratios are far from 1
+    )
 
 
 def _padding_case(text: list[str], quick: bool, cache_dir: str, batch: int) -> Case:

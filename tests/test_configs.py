@@ -117,6 +117,8 @@ def test_option_composes_and_instantiates(group, option, csv, tmp_path, monkeypa
         for node in (cfg[group] or {}).values():
             if node:
                 assert instantiate(node) is not None
+    elif group == "adversarial":
+        assert instantiate(cfg.adversarial).epsilon > 0
     elif group in ("trainer", "debug"):
         assert instantiate(cfg.trainer).max_epochs is not None or cfg.trainer.get("fast_dev_run")
 
@@ -126,19 +128,20 @@ def test_train_yaml_names_the_path_in_data_flow_order():
     names = [next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else d for d in defaults]
     # _self_ first: experiment / debug / local files override train.yaml's own values (seed, monitor, name, ...)
     assert names[0] == "_self_"
-    assert names[1:11] == [
+    assert names[1:12] == [
         "data",
         "model",
         "finetune",
         "optimizer",
         "scheduler",
+        "adversarial",
         "trainer",
         "callbacks",
         "logger",
         "paths",
         "hydra",
     ]
-    assert names[11:] == ["experiment", "hparams_search", "debug", "optional local"]
+    assert names[12:] == ["experiment", "hparams_search", "debug", "optional local"]
 
 
 def test_monitor_is_named_once_and_interpolated():
