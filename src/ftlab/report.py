@@ -1,15 +1,15 @@
-"""``ftlab-report``: turn finished sweeps into a results table (mean ± std over seeds) and plots.
+"""``ftlab-report``: turn finished sweeps into a results table (mean ± std over seeds and folds) and plots.
 
     ftlab-report outputs/multirun/<sweep> [more sweeps] [--metrics test/acc best/val/acc] [--ignore seed]
 
 Jobs are grouped by their overrides (``metrics.json``'s ``overrides``, else ``.hydra/overrides.yaml``) with the
-ignored keys (default ``seed``) and the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``)
-removed. Per group: mean, sample standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable
-parameters and the mean wall time. Writes ``results.md``, ``results.csv``, ``results.tex`` and
-``plot_<key>.png`` (test/<monitored name> and best/<monitor>, or ``--metrics``, against each swept numeric
-value, error bars = std; ``plot_settings.png``, one bar per row, when no swept key is numeric) into the first sweep
-folder (or ``--out``) and prints the Markdown table. Failed and unfinished jobs are listed under the table, never
-averaged.
+ignored keys (default ``seed`` and ``data.fold``: a k-fold sweep's folds, or its seeds x folds, are averaged) and
+the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``) removed. Per group: mean, sample
+standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable parameters and the mean wall time.
+Writes ``results.md``, ``results.csv``, ``results.tex`` and ``plot_<key>.png`` (test/<monitored name> and
+best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; ``plot_settings.png``, one
+bar per row, when no swept key is numeric) into the first sweep folder (or ``--out``) and prints the Markdown
+table. Failed and unfinished jobs are listed under the table, never averaged.
 
 A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
 """
@@ -286,7 +286,7 @@ def _bar_plot(table: pd.DataFrame, metrics: list[str], names: list[str], out: Pa
 def report(
     sweeps: list[Path],
     metrics: list[str] | None = None,
-    ignore: tuple[str, ...] = ("seed",),
+    ignore: tuple[str, ...] = ("seed", "data.fold"),
     out: Path | None = None,
     plots: bool = True,
 ) -> dict[str, Any]:
@@ -320,7 +320,10 @@ def main(argv: list[str] | None = None) -> None:
         "--metrics", nargs="+", help="metrics to tabulate (default: test/* and best/<monitor>)"
     )
     parser.add_argument(
-        "--ignore", nargs="*", default=["seed"], help="override keys averaged over (default: seed)"
+        "--ignore",
+        nargs="*",
+        default=["seed", "data.fold"],
+        help="override keys averaged over (default: seed data.fold)",
     )
     parser.add_argument(
         "--out", type=Path, help="where to write the results (default: the first sweep folder)"

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ftlab.data import folds as folds_module
 from ftlab.data import sampling
 from ftlab.data.imbalance import BalancedClassSampler
 from ftlab.data.labels import LabelMap
@@ -43,6 +44,11 @@ class ClassificationDataModule(TensorDictDataModule):
 
     modality = "text"
     task = "classification"
+    # k-fold cross-validation (ftlab.data.folds): set by the subclasses' folds/fold/group_column arguments
+    folds: int | None = None
+    fold = 0
+    group_column: str | None = None
+    fold_index: Any = None  # the validation fold's rows in the source's (cleaned) training table
     sampler = "none"  # data.sampler: none (seeded shuffle) or balanced (ftlab.data.imbalance)
 
     def __init__(
@@ -79,8 +85,26 @@ class ClassificationDataModule(TensorDictDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
 
-    def _split_indices(self, labels: Any, missing: set[str]) -> dict[str, Any]:
-        """``sampling.split_train`` with this module's fractions, subset sizes and seed."""
+    def _set_folds(self, folds: int | None, fold: int, group_column: str | None) -> None:
+        folds_module.check_folds(folds, fold, group_column)
+        self.folds, self.fold, self.group_column = folds, fold, group_column
+
+    def _split_indices(self, labels: Any, missing: set[str], groups: Any = None) -> dict[str, Any]:
+        """``sampling.split_train`` with this module's fractions, subset sizes and seed; with ``folds``, the
+        training pool's fold ``fold`` validates (``ftlab.data.folds``; a source's own validation split is unused)."""
+        if self.folds is not None:
+            splits = folds_module.fold_indices(
+                labels,
+                groups,
+                self.folds,
+                self.fold,
+                self.seed,
+                self.test_fraction if "test" in missing else None,
+                self.examples_per_class,
+                self.max_train_examples,
+            )
+            self.fold_index = splits["validation"]
+            return splits
         return sampling.split_train(
             labels,
             missing,

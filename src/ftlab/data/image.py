@@ -151,6 +151,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
         pin_memory: page-locked batches for asynchronous host-to-GPU copies. ``num_workers`` and ``pin_memory``
             ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
+        folds, fold: k-fold cross-validation (:mod:`ftlab.data.folds`): fold ``fold`` of ``folds`` validates.
         sampler: ``none`` (seeded shuffle) or ``balanced`` (classes drawn equally; ``ftlab.data.imbalance``).
         class_fraction: keep this share of the named classes of the source's training split, e.g. ``{"3": 0.1}``.
     """
@@ -179,6 +180,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         num_workers: int | str = "auto",
         seed: int = 0,
         pin_memory: bool | str = "auto",
+        folds: int | None = None,
+        fold: int = 0,
         task: str = "classification",
         sampler: str = "none",
         class_fraction: dict[str, float] | None = None,
@@ -205,6 +208,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         )
         self.keep_classes = [str(c) for c in classes] if classes is not None else None
         self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
+        self._set_folds(folds, fold, None)
         self.augment = augment
         self.collate = ImageCollator()
 

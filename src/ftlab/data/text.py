@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ftlab.data.base import ClassificationDataModule
+from ftlab.data.folds import group_values
 from ftlab.data.imbalance import check_class_fraction, check_sampler, cut_classes
 from ftlab.data.labels import TASKS, LabelMap
 from ftlab.data.multilabel import check_multilabel_options, table_labels
@@ -186,6 +187,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         task: ``classification``, ``regression`` or ``multilabel`` (:mod:`ftlab.data.multilabel`).
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
+        folds, fold, group_column: k-fold cross-validation (:mod:`ftlab.data.folds`): fold ``fold`` of ``folds``
+            validates; rows sharing a ``group_column`` value stay in one fold; the test split is the same for all.
         max_length: truncation length in tokens (at most the backbone's limit).
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
         cache_dir: where tokenized splits are cached (``null``: no cache).
@@ -222,6 +225,9 @@ class TextClassificationDataModule(ClassificationDataModule):
         test_fraction: float = 0.1,
         max_train_examples: int | None = None,
         examples_per_class: int | None = None,
+        folds: int | None = None,
+        fold: int = 0,
+        group_column: str | None = None,
         max_length: int = 128,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -254,6 +260,7 @@ class TextClassificationDataModule(ClassificationDataModule):
                 f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
             )
         self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
+        self._set_folds(folds, fold, group_column)
         self.preprocessing = preprocessing
         self.source_args: dict[str, Any] = dict(
             source=source,
@@ -321,7 +328,8 @@ class TextClassificationDataModule(ClassificationDataModule):
             label = train[self.columns["label_column"]]
             stratify_on = label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
         missing = {s for s in ("validation", "test") if s not in tables}
-        indices = self._split_indices(stratify_on, missing)
+        groups = group_values(train, self.group_column) if self.group_column else None
+        indices = self._split_indices(stratify_on, missing, groups)
         return {
             **tables,
             **{split: train.iloc[index].reset_index(drop=True) for split, index in indices.items()},
