@@ -157,7 +157,7 @@ def test_cli_text_run_with_fgm(reviews_csv, tmp_path):
     assert "_target_: ftlab.models.adversarial.FGM" in (out / ".hydra" / "config.yaml").read_text()
 
 
-def test_image_run_with_pgd(tmp_path):
+def test_image_run_with_pgd_under_bf16_autocast_and_gradient_accumulation(tmp_path):
     from ftlab.train import train
 
     overrides = [
@@ -168,7 +168,12 @@ def test_image_run_with_pgd(tmp_path):
         "adversarial.epsilon=0.1",
         "adversarial.alpha=0.05",
         "adversarial.steps=2",
-        "debug=fdr",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=4",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "trainer.accumulate_grad_batches=2",  # Lightning divides the adversary's loss, steps every 2 batches
+        "trainer.precision=bf16-mixed",  # autocast on CPU: the adversarial passes run under it
         "trainer.accelerator=cpu",
         "trainer.devices=1",
         f"paths.cache_dir={tmp_path}/cache",
@@ -178,3 +183,4 @@ def test_image_run_with_pgd(tmp_path):
     metrics = train(cfg)
     assert cfg.adversarial._target_ == "ftlab.models.adversarial.PGD"
     assert metrics["test/loss"] > 0 and (tmp_path / "run" / "metrics.json").is_file()
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

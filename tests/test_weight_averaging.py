@@ -1,5 +1,5 @@
 """callbacks=ema / callbacks=swa (ftlab.averaging): validation, best.ckpt, test and eval on the averaged weights;
-resume continues the average exactly."""
+resume continues the average exactly (and adversarial training's perturbations)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,10 @@ def test_ema_checkpoint_holds_the_averaged_weights_and_test_and_eval_use_them(em
     assert scored["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
+@pytest.mark.slow  # three tiny runs: ~50 s alone
 def test_swa_resume_matches_the_uninterrupted_run(tmp_path):
-    swa = ["callbacks=swa", "callbacks.swa.start_epoch=1"]
+    # with adversarial=pgd: its random starts are seeded by (seed, epoch, batch), so resume is exact with it too
+    swa = ["callbacks=swa", "callbacks.swa.start_epoch=1", "adversarial=pgd"]
     full = run(tmp_path, "full", [*swa, "trainer.max_epochs=2"])
     run(tmp_path, "part", [*swa, "trainer.max_epochs=1"])  # stopped before the average starts
     first = read(tmp_path / "part" / "checkpoints" / "last.ckpt")

@@ -134,11 +134,15 @@ def tokenize_cached(
     The cache key covers everything the ids depend on: the full tokenizer definition (vocab, normalizer, special
     tokens: ``backend_tokenizer.to_str()``), ``max_length`` and every text, so a stale entry is never used.
     """
-    tokenizer_id = _tokenizer_id(tokenizer)
-    key = _fingerprint(
-        tokenizer_id, str(max_length), "\x01".join(texts), "\x01".join(pairs) if pairs else "-"
-    )
-    path = cache_dir / "tokens" / f"{key}.npz" if cache_dir is not None else None
+    path = None
+    if cache_dir is not None:  # the key serializes the whole tokenizer (~ms): only when a cache is used
+        key = _fingerprint(
+            _tokenizer_id(tokenizer),
+            str(max_length),
+            "\x01".join(texts),
+            "\x01".join(pairs) if pairs else "-",
+        )
+        path = cache_dir / "tokens" / f"{key}.npz"
     cached = read_cached_arrays(path) if path is not None else None  # allow_pickle=False; damaged: recomputed
     if cached is not None:
         return cached
