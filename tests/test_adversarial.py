@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -11,9 +12,12 @@ from hydra.utils import instantiate
 from finetune_helpers import bert_backbone, make_module, text_batch
 from finetune_helpers import compose_cfg as compose_train
 from ftlab.finetuning import FinetunePolicy
+from ftlab.models import ClassificationHead
 from ftlab.models.adversarial import FGM, PGD, FreeLB
 from ftlab.models.backbones import TorchvisionResNet
 from ftlab.models.backbones.vision import IMAGENET_MEAN, IMAGENET_STD
+from ftlab.models.module import FinetuneModule
+from ftlab.tasks import build_task
 from ftlab.utils.errors import ConfigError
 
 from conftest import compose_cfg, read_json, run_cli, tiny_text_overrides
@@ -184,3 +188,30 @@ def test_image_run_with_pgd_under_bf16_autocast_and_gradient_accumulation(tmp_pa
     assert cfg.adversarial._target_ == "ftlab.models.adversarial.PGD"
     assert metrics["test/loss"] > 0 and (tmp_path / "run" / "metrics.json").is_file()
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
+TASK_LABELS = {
+    "classification": (3, lambda: torch.tensor([0, 1, 2, 1])),
+    "regression": (1, lambda: torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "multilabel": (3, lambda: torch.tensor([[1.0, 0, 1], [0, 0, 0], [0, 1, 0], [1, 1, 1]])),
+    "token_classification": (3, lambda: torch.tensor([[0, 1, 2, 0, 1, 2, -100, -100, -100]] * 4)),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TASK_LABELS))
+def test_fgm_works_for_every_task(task):
+    torch.manual_seed(0)
+    count, labels = TASK_LABELS[task]
+    the_task = build_task(task, count, None if task == "regression" else ["O", "B-X", "I-X"][:count])
+    backbone = bert_backbone()
+    head = ClassificationHead(backbone.out_features, the_task.num_outputs)
+    module = FinetuneModule(
+        backbone, head, FinetunePolicy(), the_task, partial(torch.optim.AdamW, lr=1e-3), adversarial=FGM(0.5)
+    )
+    batch = {**text_batch(), "labels": labels()}
+    if task == "token_classification":
+        batch["attention_mask"][:, 6:] = 0
+    seen = embedding_passes(module, batch, FGM(0.5))
+    delta = seen[1] - seen[0]
+    assert delta.flatten(1).norm(dim=1).tolist() == pytest.approx([0.5] * 4, rel=1e-5)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters())
