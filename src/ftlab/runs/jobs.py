@@ -68,7 +68,15 @@ def _tags(name: str) -> list[str]:
     return [name, *(str(choices[g]) for g in ("model", "data", "finetune") if choices.get(g))]
 
 
+def _launcher(key: str, default: Any) -> Any:
+    """``${ftlab.launcher:nodes,1}``: the Hydra launcher's value (trainer=ddp_slurm), else ``default``."""
+    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
+    value = launcher.get(key) if key in launcher else None
+    return default if value is None else value
+
+
 OmegaConf.register_new_resolver("ftlab.sweep_name", _sweep_name, replace=True)
+OmegaConf.register_new_resolver("ftlab.launcher", _launcher, replace=True)
 OmegaConf.register_new_resolver("ftlab.tags", _tags, replace=True)
 OmegaConf.register_new_resolver("ftlab.run_name", _run_name, replace=True)
 OmegaConf.register_new_resolver(
