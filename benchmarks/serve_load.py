@@ -7,8 +7,9 @@ For each case (PyTorch with dynamic batching, PyTorch without, and ONNX Runtime 
 script starts ``python -m ftlab.serving`` on a free port of 127.0.0.1, warms it up, then runs each client count:
 every client is an async httpx loop that posts one review per request and waits for its answer. A level stops
 after ``--requests`` answers or ``--seconds``, whichever comes first, so the whole test is bounded; the server's
-process group is stopped after its case. Resident memory is the sum over the server's processes (HTTP server,
-inference workers) after the load. Results: ``serve_load.md`` (the table) and ``serve_load.json``.
+process group is stopped after its case. Resident memory (RSS and PSS) is summed over the server's processes
+(HTTP server, inference workers, LitServe's helpers) after each level. Results: ``serve_load.md`` (the table)
+and ``serve_load.json``.
 """
 
 from __future__ import annotations
@@ -75,20 +76,21 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def group_rss_mb(proc: subprocess.Popen) -> float:
-    """Resident memory of the server's process group (its HTTP and worker processes), in MiB (Linux /proc)."""
-    total_kb = 0
+def group_memory_mb(proc: subprocess.Popen) -> tuple[float, float]:
+    """Resident memory of the server's process group (its HTTP and worker processes) in MiB: RSS summed (shared
+    pages counted in every process) and PSS summed (shared pages split between them; Linux /proc)."""
+    totals = {"Rss:": 0, "Pss:": 0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, pgrp, ...
-            if int(fields[2]) == proc.pid:
-                status = (stat.parent / "status").read_text()
-                total_kb += int(
-                    next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-                )
-        except (OSError, StopIteration, IndexError, ValueError):  # a process that ended meanwhile
+            if int(fields[2]) != proc.pid:
+                continue
+            for line in (stat.parent / "smaps_rollup").read_text().splitlines():
+                if line.split()[0] in totals:
+                    totals[line.split()[0]] += int(line.split()[1])
+        except (OSError, IndexError, ValueError):  # a process that ended meanwhile
             continue
-    return total_kb / 1024
+    return totals["Rss:"] / 1024, totals["Pss:"] / 1024
 
 
 async def load(url: str, clients: int, requests: int, seconds: float) -> dict[str, float]:
@@ -141,12 +143,14 @@ def cases(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = "| case | clients | requests/s | p50 ms | p95 ms | p99 ms | requests | errors | RSS MiB |"
-    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    head = (
+        "| case | clients | requests/s | p50 ms | p95 ms | p99 ms | requests | errors | RSS MiB | PSS MiB |"
+    )
+    lines = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['clients']} | {r['requests_per_s']} | {r['p50_ms']} | {r['p95_ms']} | "
-            f"{r['p99_ms']} | {r['requests']} | {r['errors']} | {r['rss_mb']:.0f} |"
+            f"{r['p99_ms']} | {r['requests']} | {r['errors']} | {r['rss_mb']} | {r['pss_mb']} |"
         )
     return "\n".join(lines)
 
@@ -175,7 +179,8 @@ def main() -> None:
             asyncio.run(load(url, 4, 16, 30))  # warm-up: first batches, lazy initialisation
             for clients in args.clients:
                 row = asyncio.run(load(url, clients, args.requests, args.seconds))
-                rows.append({"case": name, **row, "rss_mb": group_rss_mb(proc)})
+                rss, pss = group_memory_mb(proc)
+                rows.append({"case": name, **row, "rss_mb": round(rss), "pss_mb": round(pss)})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             stop_server(proc)

@@ -38,7 +38,9 @@ def _job_dirs(sweep: Path) -> list[Path]:
     found |= {p.parent for p in sweep.rglob(folder.METRICS_FILE)} | {
         p.parent for p in sweep.rglob(folder.STATUS_FILE)
     }
-    return sorted((d for d in found if ".submitit" not in d.parts), key=lambda d: _natural(str(d)))
+    # ftlab-eval/-export write a metrics.json of their own inside a job folder: those are not jobs
+    jobs = {d for d in found if not any(other in d.parents for other in found)}
+    return sorted((d for d in jobs if ".submitit" not in d.parts), key=lambda d: _natural(str(d)))
 
 
 def _natural(text: str) -> list[Any]:
