@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from ftlab import cli
+from ftlab.utils.errors import ConfigError
 from ftlab.utils.extras import MissingExtraError, require_extra
 
 from conftest import read_json, tiny_text_overrides
@@ -136,3 +137,20 @@ def test_composed_config_of_a_run_is_saved_as_it_was_checked(tmp_path, reviews_c
     cfg = cli.precheck("train", "train", tiny_text_overrides(reviews_csv, tmp_path))
     assert f"train_file: {reviews_csv}" in done.stdout and cfg.data.train_file == str(reviews_csv)
     assert json.dumps(cfg.model.backbone.config_overrides.hidden_size) == "32"
+
+
+def test_a_value_the_sweep_supplies_is_left_to_each_job():
+    # the config checked before a sweep holds no swept value: data.train_file is ??? there, and each job gets one
+    assert (
+        cli.precheck("train", "train", ["-m", "data=text_files", "data.train_file=a.csv,b.csv"]) is not None
+    )
+    with pytest.raises(ConfigError, match=r"data.train_file is not set"):
+        cli.precheck("train", "train", ["data=text_files"])
+    with pytest.raises(
+        ConfigError, match=r"trainer.max_epochs='abc'"
+    ):  # a fixed bad value stops the sweep at once
+        cli.precheck(
+            "train",
+            "train",
+            ["-m", "data=text_files", "data.train_file=a.csv,b.csv", "trainer.max_epochs=abc"],
+        )

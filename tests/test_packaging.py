@@ -160,13 +160,14 @@ def test_installed_wheel_trains_evaluates_predicts_exports_and_reports(installed
 
 
 def _walkthrough_files() -> dict[str, str]:
-    """The files of README's "Use ftlab in your own project": code blocks whose first line is ``# <path>``."""
+    """The files of README's "Use ftlab in your own project": code blocks that name their path in a comment."""
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Use ftlab in your own project", 1)[1].split("\n## ", 1)[0]
     files = {}
     for block in re.findall(r"```(?:yaml|python)\n(.*?)```", section, flags=re.S):
-        first, _, rest = block.partition("\n")
-        files[first.removeprefix("# ").strip()] = rest if first.startswith("# mypkg") else block
+        named = re.search(r"^# ((?:conf|mypkg)/\S+\.(?:yaml|py))", block, flags=re.M)
+        if named:
+            files[named.group(1)] = block
     return files
 
 

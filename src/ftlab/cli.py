@@ -157,7 +157,7 @@ def precheck(app: str, config_name: str, argv: list[str]) -> DictConfig | None:
     except (HydraException, OmegaConfBaseException) as err:
         raise _composition_error(err, app, config_name, args) from None
     _require_extras(cfg, app)
-    check_config(cfg, app)
+    check_config(cfg, app, skip=compose.swept(cfg, args.overrides))
     return cfg
 
 

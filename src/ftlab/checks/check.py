@@ -14,7 +14,7 @@ import functools
 import importlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from importlib.resources import files
 from typing import Any
 
@@ -29,6 +29,7 @@ RESERVED = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 _UNRESOLVED = object()  # a value that only resolves inside a Hydra job (${hydra:...}): not checked here
 _LISTED_ARGS = 16  # name every valid argument when there are at most this many
 _SAME_AS = re.compile(r"^\$\{[\w.]+\}$")  # a plain reference to another key
+_KEY = re.compile(r"[\w.\-]*")  # a problem's first word: its key
 
 
 @functools.cache
@@ -36,16 +37,30 @@ def load_schema() -> dict[str, Any]:
     return json.loads(files("ftlab.checks").joinpath("schema.json").read_text())
 
 
-def check_config(cfg: DictConfig, app: str, schema: dict[str, Any] | None = None) -> None:
+def check_config(
+    cfg: DictConfig, app: str, schema: dict[str, Any] | None = None, skip: Collection[str] = ()
+) -> None:
     """Raise a :class:`ConfigError` (one paragraph per problem) if ``cfg`` of ``ftlab-<app>`` has any."""
-    problems = find_problems(cfg, app, schema)
+    problems = find_problems(cfg, app, schema, skip)
     if problems:
         raise ConfigError("\n\n".join(problems))
 
 
-def find_problems(cfg: DictConfig, app: str, schema: dict[str, Any] | None = None) -> list[str]:
-    """Every problem of ``cfg`` as one paragraph each: missing values, ftlab's own keys, then target nodes."""
-    schema = schema or load_schema()
+def find_problems(
+    cfg: DictConfig, app: str, schema: dict[str, Any] | None = None, skip: Collection[str] = ()
+) -> list[str]:
+    """Every problem of ``cfg`` as one paragraph each (it starts with the key): missing values, ftlab's own keys,
+    then target nodes. Keys in ``skip`` and below them are left out (a sweep's swept keys: each job checks its own).
+    """
+    problems = _problems(cfg, app, schema or load_schema())
+    return [p for p in problems if not any(_under(_KEY.match(p).group(0), s) for s in skip)]  # type: ignore[union-attr]
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def _problems(cfg: DictConfig, app: str, schema: dict[str, Any]) -> list[str]:
     own = schema["apps"].get(app, {"keys": {}, "nodes": {}, "groups": []})
     problems = [
         f"{path} is not set (??? in the config): give it, e.g. {path}=<value>." for path in _missing(cfg)
@@ -132,8 +147,9 @@ def _own_keys(cfg: DictConfig, own: dict[str, Any], app: str) -> list[str]:
         valid = [k.rpartition(".")[2] for k in own["keys"] if k.rpartition(".")[0] == parent]
         for key in node if isinstance(node, DictConfig) else []:
             if key not in valid:
+                full = f"{parent}.{key}"
                 problems.append(
-                    _unknown(f"{parent}.{key}", str(key), f"ftlab-{app}'s {parent}", valid, parent)
+                    _unknown(full, _resolved(node, key), f"ftlab-{app}'s {parent}", valid, parent)
                 )
     return problems
 

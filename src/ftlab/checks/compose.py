@@ -46,6 +46,8 @@ def compose(config_name: str, args: Any, overrides: list[str] | None = None) -> 
         sweeps = any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(overrides))
         mode = RunMode.MULTIRUN if args.multirun or sweeps else RunMode.RUN
         cfg = hydra_app.compose_config(args.config_name or config_name, overrides, run_mode=mode)
+        with read_write(cfg.hydra):
+            cfg.hydra.mode = mode  # as Hydra sets it when it runs (swept() reads it)
         _set_output_dir(cfg, "hydra.sweep.dir" if mode == RunMode.MULTIRUN else "hydra.run.dir")
         HydraConfig.instance().set_config(cfg)  # so ${hydra:runtime.output_dir} & co. resolve as in the job
         return cfg
@@ -100,3 +102,16 @@ def _groups(repository: Any, parent: str) -> dict[str, list[str]]:
             found[name] = options
         found.update(_groups(repository, name))
     return found
+
+
+def swept(cfg: DictConfig, overrides: list[str]) -> set[str]:
+    """The keys and groups a multirun sweeps (its sweep overrides, its sweeper's params); none for a single run.
+
+    The config checked before a sweep starts holds no swept value: each job checks its own.
+    """
+    if OmegaConf.select(cfg, "hydra.mode") != RunMode.MULTIRUN:
+        return set()
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    return keys | {str(k) for k in params} if isinstance(params, DictConfig) else keys
