@@ -114,34 +114,17 @@ def _cache_contents(cache: Path) -> dict[str, object]:
 @pytest.mark.slow  # two sweeps and a run: about a minute of CPU
 def test_two_sweeps_started_together_share_a_cold_cache(tmp_path):
     cache, env = tmp_path / "cache", {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    env["FTLAB_FAULT"] = (
-        "tokens:sleep=0.5,features:sleep=0.5"  # hold each write open: the sweeps overlap there
-    )
-    sweeps = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ftlab.train",
-                "-m",
-                *SHARED,
-                f"paths.cache_dir={cache}",
-                f"hydra.sweep.dir={tmp_path / name}",
-                "callbacks.progress_bar.kind=log",
-            ],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for name in ("a", "b")
-    ]
+
+    def sweep(name: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "ftlab.train", "-m", *SHARED, f"paths.cache_dir={cache}",
+                f"hydra.sweep.dir={tmp_path / name}", "callbacks.progress_bar.kind=log", *extra]  # fmt: skip
+
+    held = {**env, "FTLAB_FAULT": "tokens:sleep=0.5,features:sleep=0.5"}  # each write held open: they overlap
+    sweeps = [subprocess.Popen(sweep(name), cwd=tmp_path, env=held, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for name in ("a", "b")]  # fmt: skip
     logs = [sweep.communicate(timeout=400)[0] for sweep in sweeps]
     assert [sweep.returncode for sweep in sweeps] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
-    statuses = [
-        read_json(tmp_path / name / str(i) / "status.json")["status"] for name in "ab" for i in range(3)
-    ]
+    statuses = [read_json(tmp_path / n / str(i) / "status.json")["status"] for n in "ab" for i in range(3)]
     assert statuses == ["completed"] * 6
     assert not [p for p in cache.rglob("*") if p.name.endswith(".tmp")]  # no temporary file left behind
 
@@ -153,6 +136,16 @@ def test_two_sweeps_started_together_share_a_cold_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     shared = _cache_contents(cache)
     assert shared and any(k.endswith(".pt") for k in shared) and shared == _cache_contents(alone)
+
+    # resume=<sweep> with the sweep's own command: its complete jobs are skipped; another model is refused
+    again = subprocess.run(sweep("a", f"resume={tmp_path / 'a'}"), env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("is complete; skipped") == 3
+    other = [
+        o.replace("model=tiny_bert", "model=tiny_resnet") for o in sweep("a", f"resume={tmp_path / 'a'}")
+    ]
+    refused = subprocess.run(other, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "model=tiny_resnet is not the choice the run was started with (model=tiny_bert)" in refused.stderr
 
 
 def test_a_kill_inside_a_write_leaves_the_previous_file_whole(tmp_path):
@@ -191,7 +184,7 @@ def test_runs_killed_inside_checkpoint_writes_resume_to_the_uninterrupted_metric
         import fault_injection
     finally:
         sys.path.pop(0)
-    summary = fault_injection.main(["--cases", "checkpoint_epoch1_save2,damaged_last", "--random", "0",
+    summary = fault_injection.main(["--cases", "checkpoint_epoch0_save2,damaged_last", "--random", "0",
                                     "--out", str(tmp_path)])  # fmt: skip
     assert (summary["kills"], summary["recovered"], summary["lost"]) == (2, 2, 0), summary
     assert [c["fell_back"] for c in summary["cases"]] == [False, True]  # damaged last.ckpt: best.ckpt used
