@@ -14,6 +14,7 @@ from ftlab.data import sampling
 from ftlab.data.imbalance import BalancedClassSampler
 from ftlab.data.labels import LabelMap
 from ftlab.data.samplers import SeededShuffleSampler
+from ftlab.preemption import resume_sampler
 from ftlab.utils.devices import check_loader_settings, loader_settings
 from ftlab.utils.errors import ConfigError
 
@@ -174,7 +175,10 @@ class ClassificationDataModule(TensorDictDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            sampler=self.train_sampler(dataset) if shuffle else None,
+            # resumed mid-epoch (ftlab.preemption): without the batches the interrupted epoch had consumed
+            sampler=resume_sampler(self.train_sampler(dataset), self.trainer, self.batch_size)
+            if shuffle
+            else None,
             collate_fn=self.collator(),
             **loader_settings(self.num_workers, self.pin_memory, self.trainer),
         )

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from ftlab.data.base import TensorDictDataModule
 from ftlab.finetuning.groups import HEAD
 from ftlab.models.backbones.contract import can_split
+from ftlab.preemption import resume_sampler
 from ftlab.tasks.base import IGNORE_INDEX
 from ftlab.utils.devices import loader_settings, on_cuda, padded_width
 from ftlab.utils.safe_files import atomic_write, read_cached_tensors
@@ -130,6 +131,7 @@ class CachedFeatureDataModule(TensorDictDataModule):
         if train:
             self.source.trainer = self.trainer  # the sampler reads the epoch and DDP rank from it
             sampler = self.source.train_sampler(self.source.datasets["train"])
+            sampler = resume_sampler(sampler, self.trainer, self.source.batch_size)  # mid-epoch resume
         collate = self.collate
         if isinstance(collate, HiddenStateCollator):  # widths rounded as the text module's batches would be
             text = self.source.collator(cuda=on_cuda(self.trainer))

@@ -40,6 +40,13 @@ from ftlab.utils.safe_files import atomic_write, disk_errors
 log = logging.getLogger("ftlab.jobs")
 
 THREADS_ENV = "FTLAB_TORCH_THREADS"
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run stopped on a preemption signal; continue it later
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption signal after saving its position (raised by ftlab.preemption)."""
+
+
 # Spawning strategies start their ranks from inside the job; these re-run the script (and Hydra's sweep) per rank.
 _RELAUNCHING = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 
@@ -151,10 +158,38 @@ def _prepare_multirun(cfg: DictConfig, output_dir: Path) -> None:
             strategy,
         )
         cfg.trainer.strategy = "ddp_spawn"
+    if (
+        cfg.get("resume") is None
+        and _status(output_dir) == "preempted"
+        and (output_dir / folder.LAST_CKPT).is_file()
+    ):
+        log.info("%s was preempted: continuing it from %s", output_dir, folder.LAST_CKPT)  # a requeued job
+        with open_dict(cfg):
+            cfg.resume = str(output_dir)
     if cfg.get("resume") is True:
         # The sweep variant of resume: continue this job's own run if it was cut off, else start it afresh.
         with open_dict(cfg):
             cfg.resume = str(output_dir) if (output_dir / folder.LAST_CKPT).is_file() else None
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return json.loads((run_dir / folder.STATUS_FILE).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _stop_preempted(cfg: DictConfig, output_dir: Path, err: Preempted, threads: int) -> None:
+    """Record the preemption, requeue the SLURM job if there is one, and exit with :data:`EXIT_PREEMPTED`."""
+    from ftlab.preemption import requeue_if_slurm
+
+    requeued = requeue_if_slurm() if folder.is_rank_zero() else False
+    write_status(output_dir, "preempted", error=str(err), requeued=requeued, torch_threads=threads)
+    _finish_wandb(cfg, None, exit_code=EXIT_PREEMPTED)
+    log.warning(
+        "preempted (%s)%s; record: %s", err, ", requeued" if requeued else "", output_dir / folder.STATUS_FILE
+    )
+    sys.exit(EXIT_PREEMPTED)  # also ends a local sweep: -m ... resume=<sweep> continues it
 
 
 def _finish_wandb(cfg: DictConfig, metrics: dict[str, Any] | None, exit_code: int) -> None:
@@ -191,6 +226,8 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     try:
         with disk_errors(output_dir):  # a full disk or read-only folder: one paragraph naming the folder
             metrics = train(cfg)
+    except Preempted as err:
+        _stop_preempted(cfg, output_dir, err, threads)
     except Exception as err:
         err = folder.user_error(err) or err  # the user error behind Hydra's InstantiationException, if any
         write_status(
