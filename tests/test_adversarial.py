@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from finetune_helpers import bert_backbone, make_module, text_batch
+from finetune_helpers import bert_backbone, make_module, read_probe, text_batch
 from finetune_helpers import compose_cfg as compose_train
+from finetune_helpers import tiny_run_overrides as finetune_run_overrides
 from ftlab.finetuning import FinetunePolicy
 from ftlab.models import ClassificationHead
 from ftlab.models.adversarial import FGM, PGD, FreeLB
@@ -190,6 +195,8 @@ def test_image_run_with_pgd_under_bf16_autocast_and_gradient_accumulation(tmp_pa
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+TESTS = Path(__file__).resolve().parent
+
 TASK_LABELS = {
     "classification": (3, lambda: torch.tensor([0, 1, 2, 1])),
     "regression": (1, lambda: torch.tensor([0.5, -1.0, 2.0, 0.0])),
@@ -215,3 +222,38 @@ def test_fgm_works_for_every_task(task):
     delta = seen[1] - seen[0]
     assert delta.flatten(1).norm(dim=1).tolist() == pytest.approx([0.5] * 4, rel=1e-5)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.head.parameters())
+
+
+@pytest.mark.slow  # two processes: ~40 s alone, minutes on a loaded machine
+def test_freelb_and_ema_keep_ddp_ranks_identical(tmp_path):
+    """Under 2-process CPU DDP (gloo) the adversary's inner passes add no gradient all-reduce of their own: the
+    ranks see different batches and still end with the same weights (and the same EMA average)."""
+    overrides = tiny_run_overrides_ddp(tmp_path)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "ftlab.train", *overrides],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [read_probe(tmp_path / "probe", rank) for rank in (0, 1)]
+    assert ranks[0]["state"] == ranks[1]["state"]
+    assert ranks[0]["start"]["layer.0"] != ranks[0]["end"]["layer.0"]  # it trained
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert int(best["averaging_state"]["n_averaged"]) > 0
+
+
+def tiny_run_overrides_ddp(tmp_path) -> list[str]:
+    base = finetune_run_overrides(tmp_path, tmp_path / "run", tmp_path / "probe")
+    base = [o for o in base if not o.startswith(("trainer.devices", "callbacks="))]
+    return [
+        *base,
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=1",
+        "callbacks=ema",
+        "callbacks.early_stopping=null",
+        "adversarial=freelb",
+        "feature_cache=false",
+    ]

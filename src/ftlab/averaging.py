@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 
@@ -69,6 +70,18 @@ class AveragingFixes(WeightAveraging):
             self._average_model.module.load_state_dict(checkpoint["state_dict"], strict=False)
 
 
+class EMAUpdate:
+    """``decay * average + (1 - decay) * current``: torch's ``get_ema_avg_fn`` as a picklable object (its closure is
+    not, and ``trainer=ddp_cpu``'s ``ddp_spawn`` pickles the callbacks into the worker processes)."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    @torch.no_grad()
+    def __call__(self, average: torch.Tensor, current: torch.Tensor, num_averaged: Any) -> torch.Tensor:
+        return self.decay * average + (1 - self.decay) * current
+
+
 class EMA(AveragingFixes, EMAWeightAveraging):
     """Exponential moving average of the weights (Lightning's ``EMAWeightAveraging``, with ftlab's fixes).
 
@@ -98,6 +111,7 @@ class EMA(AveragingFixes, EMAWeightAveraging):
             update_starting_at_step=update_starting_at_step,
             update_starting_at_epoch=update_starting_at_epoch,
         )
+        self._kwargs["avg_fn"] = EMAUpdate(decay)  # the same update, picklable (Lightning stores a closure)
 
 
 class SWA(AveragingFixes):
