@@ -194,9 +194,8 @@ def _require_extras(cfg: DictConfig, app: str) -> None:
             require_extra("wandb", "wandb", feature=f"logger.{name} (W&B)")
         if target.endswith("TensorBoardLogger"):
             require_extra("tensorboard", "tensorboard", feature=f"logger.{name} (TensorBoard)")
-    hydra_cfg = cfg.get("hydra") or {}
     for part in ("sweeper", "launcher"):
-        target = str(OmegaConf.select(hydra_cfg, f"{part}._target_", default="") or "")
+        target = str(OmegaConf.select(cfg, f"hydra.{part}._target_", default="") or "")
         for _, extra, module in PLUGINS:
             if module.split(".")[1] in target:
                 require_extra(extra, module, feature=f"hydra.{part}={target}")

@@ -119,7 +119,7 @@ def _check_node(path: str, node: DictConfig, owner: str, entry: Spec) -> list[st
             if not entry["var_keyword"]:
                 problems.append(_unknown(full, _resolved(node, key), owner, list(params), path))
             continue
-        if _SAME_AS.match(str(node._get_node(key)._value())):
+        if _SAME_AS.match(str(getattr(node._get_node(key), "_value", lambda: None)())):
             continue  # ${seed}: a bad value there is reported once, at its own key
         value = _resolved(node, key)
         if value is not _UNRESOLVED and not fits(value, params[key]):
@@ -180,39 +180,30 @@ def _resolved(node: DictConfig, key: str) -> Any:
         return _UNRESOLVED
 
 
-def _missing(cfg: DictConfig | ListConfig, prefix: str = "") -> Iterator[str]:
-    keys = (
-        range(len(cfg))
-        if isinstance(cfg, ListConfig)
-        else [k for k in cfg if not (k == "hydra" and not prefix)]
-    )
+def _children(cfg: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    """(path, key, node) of each child, the top-level ``hydra`` node left out; nodes are never resolved."""
+    keys: list[Any] = list(range(len(cfg))) if isinstance(cfg, ListConfig) else list(cfg)
     for key in keys:
-        path = f"{prefix}.{key}" if prefix else str(key)
+        if key == "hydra" and not prefix:
+            continue
+        yield (f"{prefix}.{key}" if prefix else str(key)), key, cfg._get_node(key)
+
+
+def _is_container(node: Any) -> bool:
+    return isinstance(node, DictConfig | ListConfig) and not node._is_none() and not node._is_interpolation()
+
+
+def _missing(cfg: DictConfig | ListConfig, prefix: str = "") -> Iterator[str]:
+    for path, key, child in _children(cfg, prefix):
         if OmegaConf.is_missing(cfg, key):
             yield path
-            continue
-        child = cfg._get_node(key)  # the node itself: never resolves an interpolation
-        if (
-            isinstance(child, DictConfig | ListConfig)
-            and not child._is_none()
-            and not child._is_interpolation()
-        ):
+        elif _is_container(child):
             yield from _missing(child, path)
 
 
 def _target_nodes(cfg: DictConfig | ListConfig, prefix: str) -> Iterator[tuple[str, DictConfig]]:
     if isinstance(cfg, DictConfig) and "_target_" in cfg and prefix:
         yield prefix, cfg
-    keys = (
-        range(len(cfg))
-        if isinstance(cfg, ListConfig)
-        else [k for k in cfg if not (k == "hydra" and not prefix)]
-    )
-    for key in keys:
-        child = cfg._get_node(key)
-        if (
-            isinstance(child, DictConfig | ListConfig)
-            and not child._is_none()
-            and not child._is_interpolation()
-        ):
-            yield from _target_nodes(child, f"{prefix}.{key}" if prefix else str(key))
+    for path, _, child in _children(cfg, prefix):
+        if _is_container(child):
+            yield from _target_nodes(child, path)

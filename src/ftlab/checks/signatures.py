@@ -110,7 +110,7 @@ def target_spec(target: Any, skip: tuple[str, ...] = ()) -> Spec:
 
     ``var_keyword``: the target takes ``**kwargs``, so unknown keys cannot be told from valid ones.
     """
-    fn = target.__init__ if isinstance(target, type) else target
+    fn = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
     signature = inspect.signature(target)
     hints = _hints(fn)
     params: dict[str, Spec] = {}

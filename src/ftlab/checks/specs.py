@@ -60,7 +60,7 @@ def describe(spec: Spec) -> str:
     if kind == "list":
         item = spec["item"]
         return "a list" if item["kind"] == "any" else f"a list, each item {describe(item)}"
-    return _WORDS.get(kind, kind)
+    return _WORDS.get(kind, str(kind))
 
 
 def describe_value(value: Any) -> str:
