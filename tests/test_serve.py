@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -282,25 +283,57 @@ def assert_rows_close(got, expected, tolerance: float = 1e-5) -> None:
         assert got == expected
 
 
-@pytest.mark.parametrize("kind", ["pairs_regression", "multilabel"])
+SENTENCES = [
+    (["John", "lives", "in", "Paris"], ["B-PER", "O", "O", "B-LOC"]),
+    (["Mary", "visited", "Berlin", "today"], ["B-PER", "O", "B-LOC", "O"]),
+    (["the", "film", "was", "long"], ["O", "O", "O", "O"]),
+    (["Anna", "Smith", "left", "Rome"], ["B-PER", "I-PER", "O", "B-LOC"]),
+]
+
+
+def token_run(tmp: Path) -> Path:
+    path = tmp / "tagged.jsonl"
+    path.write_text("".join(json.dumps({"tokens": w, "tags": t}) + "\n" for w, t in SENTENCES * 8))
+    overrides = ["model=tiny_bert", "data=token_files", f"data.train_file={path}", "data.max_length=16"]
+    overrides += [f"paths.cache_dir={tmp}/cache", "trainer.accelerator=cpu", "trainer.devices=1"]
+    overrides += [
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar.kind=log",
+        "monitor=val/loss",
+        "monitor_mode=min",
+    ]
+    cfg = compose_cfg(overrides, tmp / "run")
+    train(cfg)
+    save_run_config(cfg, tmp / "run")
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("kind", ["pairs_regression", "multilabel", "token_classification"])
 def test_batched_requests_of_other_tasks_decode_as_ftlab_predict(kind, tmp_path, monkeypatch):
-    """The worker's side without HTTP: requests of a pair-regression and a multi-label run, batched together."""
+    """The worker's side without HTTP: requests of a pair-regression, a multi-label and a token-classification run,
+    batched together, answer what ftlab-predict writes."""
     from ftlab.serving import api as serving_api
     from ftlab.serving.source import Source
 
     reviews = tiny_reviews(12)
-    if kind == "pairs_regression":
-        table = reviews.assign(
-            other=reviews["review"].str.upper(), score=(reviews["stars"] == "pos") * 4.0 + 1
-        )
-        overrides = ["data.text_pair_column=other", "data.label_column=score", "data.task=regression"]
+    table = reviews
+    if kind == "token_classification":
+        run = token_run(tmp_path)
+        table = pd.DataFrame({"review": [" ".join(w) for w, _ in SENTENCES] + ["Paris in the  rain"]})
+        expected = predicted(run, json.dumps(table["review"].tolist()), tmp_path / "p.jsonl")
     else:
-        tags = {"pos": "good|warm", "neg": "bad"}
-        table = reviews.assign(tags=reviews["stars"].map(tags))
-        overrides = ["data.label_column=tags", "data.task=multilabel"]
-    run = train_text_run(tmp_path, table.drop(columns=["stars"]), overrides)
-    table.iloc[:5].to_csv(tmp_path / "inputs.csv", index=False)
-    expected = predicted(run, str(tmp_path / "inputs.csv"), tmp_path / "p.jsonl")
+        if kind == "pairs_regression":
+            table = reviews.assign(
+                other=reviews["review"].str.upper(), score=(reviews["stars"] == "pos") * 4.0 + 1
+            )
+            overrides = ["data.text_pair_column=other", "data.label_column=score", "data.task=regression"]
+        else:
+            tags = {"pos": "good|warm", "neg": "bad"}
+            table = reviews.assign(tags=reviews["stars"].map(tags))
+            overrides = ["data.label_column=tags", "data.task=multilabel"]
+        run = train_text_run(tmp_path, table.drop(columns=["stars"]), overrides)
+        table.iloc[:5].to_csv(tmp_path / "inputs.csv", index=False)
+        expected = predicted(run, str(tmp_path / "inputs.csv"), tmp_path / "p.jsonl")
 
     pairs = kind == "pairs_regression"
     monkeypatch.setattr(serving_api, "RULES", serving_api.Rules(pairs=pairs, max_items=8))

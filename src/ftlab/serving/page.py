@@ -56,12 +56,15 @@ form.addEventListener("submit", async event => {{
     else if ("labels" in row) {{  // a label set, with every label's probability
       shown = row.labels.length ? row.labels.join(", ") : "(no label)";
       probs = Object.entries(row.probabilities).sort((a, b) => b[1] - a[1]);
+    }} else if ("tags" in row) {{  // token classification: word/tag, and the entities found
+      shown = row.words.map((w, i) => w + "/" + (row.tags[i] ?? "-")).join(" ");
+      probs = (row.entities || []).map(e => [e.type, `${{e.text}} [${{e.start}}, ${{e.end}})`]);
     }} else if ("value" in row) shown = row.value.toFixed(4);
     document.getElementById("label").textContent = shown;
     for (const [name, p] of probs) {{
       const tr = document.getElementById("probs").insertRow();
       tr.insertCell().textContent = name;
-      tr.insertCell().textContent = p.toFixed(4);
+      tr.insertCell().textContent = typeof p === "number" ? p.toFixed(4) : p;
     }}
   }} catch (err) {{ document.getElementById("error").textContent = err.message; }}
 }});
