@@ -11,6 +11,7 @@ margin while any real fault (a wrong weight, a lost attention mask, dropout left
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -135,8 +136,10 @@ def test_torchscript_is_replaced_by_pt2_with_a_clear_error(run_dir, tmp_path):
     assert not tmp_path.joinpath("model.pt").exists()
 
 
-def test_exports_raise_no_deprecation_or_future_warning(run_dir, tmp_path):
-    """The exporters and the int8 path ftlab calls are PyTorch's and ONNX Runtime's current ones."""
+def test_exports_raise_no_deprecation_or_future_warning_and_keep_the_console_quiet(run_dir, tmp_path, caplog):
+    """The exporters and the int8 path ftlab calls are PyTorch's and ONNX Runtime's current ones; the ONNX graph
+    optimizer's per-rewrite INFO lines and ONNX Runtime's pre-processing advice stay out of the console."""
+    caplog.set_level(logging.INFO)
     runs = [["format=onnx"], ["format=pt2"], ["format=hf"], ["compress=int8", "benchmark.repeats=1"]]
     for i, args in enumerate(runs):
         with warnings.catch_warnings(record=True) as caught:
@@ -148,6 +151,10 @@ def test_exports_raise_no_deprecation_or_future_warning(run_dir, tmp_path):
             if issubclass(w.category, DeprecationWarning | FutureWarning)
         ]
         assert deprecated == [], (args, deprecated)
+    noise = [
+        r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("onnxscript", "onnx_ir", "root")
+    ]
+    assert noise == []
 
 
 def split_batches(run: rebuild.LoadedRun) -> list[dict[str, torch.Tensor]]:

@@ -11,7 +11,6 @@ PyTorch). The table is printed as Markdown and written to ``compression.md`` and
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
 import json
@@ -19,7 +18,8 @@ import logging
 import shutil
 import statistics
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,24 +39,13 @@ log = logging.getLogger(__name__)
 METHODS = ("int8", "prune")
 
 
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    # quantize_dynamic logs on the root logger that pre-processing (symbolic shape inference) may help; that
-    # pre-processing fails on dynamo-exported BERT ("Incomplete symbolic shape inference"), so the advice is noise
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def quantize_int8(original: Path, path: Path) -> None:
     """ONNX Runtime dynamic quantization of an ONNX file: int8 weights, activations quantized per batch (CPU)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _quiet_root_logger():
+    # it logs on the root logger that pre-processing (symbolic shape inference) may help; that pre-processing fails
+    # on dynamo-exported BERT ("Incomplete symbolic shape inference"), so the advice is noise here
+    with formats.quiet_loggers(("",), logging.ERROR):
         quantize_dynamic(original, path, weight_type=QuantType.QInt8)
 
 
@@ -133,7 +122,11 @@ def _finetuner(run: rebuild.LoadedRun, datamodule: Any, epochs: int) -> Callable
             num_sanity_val_steps=0,
         )
         module.train()
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+        with warnings.catch_warnings():  # a fixed number of epochs, no validation: by design, not a slip
+            warnings.filterwarnings(
+                "ignore", message=r"You defined a `validation_step` but have no `val_dataloader`"
+            )
+            trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
 
     return finetune
 

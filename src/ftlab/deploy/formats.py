@@ -9,8 +9,10 @@ deprecated in PyTorch and was replaced by ``format=pt2``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +89,26 @@ def export_pt2(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: P
         return [loaded(*(b[n] for n in names)) for b in batches]
 
 
+@contextlib.contextmanager
+def quiet_loggers(names: tuple[str, ...], level: int = logging.WARNING) -> Iterator[None]:
+    """The named loggers (``""``: the root) at ``level`` or above for the duration of the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in zip(loggers, levels, strict=True):
+            logger.setLevel(old)
+
+
 def save_onnx(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> list[str]:
     """One self-contained ONNX file (weights inside), dynamic ``batch``/``sequence`` axes, output ``logits``;
     returns the input names."""
     names = input_names(batch)
-    with warnings.catch_warnings():
+    # the exporter's graph optimizer (onnxscript, onnx_ir) logs every rewrite at INFO: dozens of lines a model
+    with warnings.catch_warnings(), quiet_loggers(("onnxscript", "onnx_ir")):
         # named axes shared by several inputs (input_ids, attention_mask): the exporter says it keeps one name each
         warnings.filterwarnings(
             "ignore", message=r"# The axis name: .* will not be used", category=UserWarning
