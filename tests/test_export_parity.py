@@ -193,9 +193,10 @@ def test_int8_keeps_accuracy_within_one_example_and_shrinks_the_file(run_dir, lo
     int8_acc, int8_logits = onnx_accuracy(loaded, tmp_path / "int8.onnx")
     assert float_acc == reference and original["accuracy"] == pytest.approx(float_acc)
     assert int8["accuracy"] == pytest.approx(int8_acc)
-    # stated drop: at most one of the 20 test examples (0.05); measured here: none
+    # stated drop: at most one of the 20 test examples (0.05); int8 moves tiny BERT logits by ~1e-2, so a larger
+    # drop means a broken quantization, not an unlucky example
     assert int8_acc >= reference - 0.05, (int8_acc, reference)
-    # int8 really is int8: different logits from the float file, but close to them (measured max ~0.02)
+    # int8 really is int8: different logits from the float file, but close to them
     diff = max(float(np.abs(a - b).max()) for a, b in zip(int8_logits, float_logits, strict=True))
     assert 0 < diff < 0.25, diff
     assert int8["size_mb"] < 0.5 * original["size_mb"]  # weights and embedding tables stored as int8
@@ -254,6 +255,6 @@ def test_pruning_with_a_short_finetune_keeps_the_zeros_and_the_accuracy(run_dir,
     zeros = sum(int((a == 0).sum()) for a in linear) / sum(a.size for a in linear)
     assert variant["sparsity"] == pytest.approx(0.7, abs=0.01) and zeros == pytest.approx(0.7, abs=0.01)
     accuracy, _ = onnx_accuracy(loaded, tmp_path / "prune.onnx")
-    # chance is 0.5; the fine-tune recovers what 70% pruning costs (measured here: 1.0)
+    # chance is 0.5; the fixture's model scores >= 0.9 and the fine-tune must keep it there despite 70% zeros
     assert variant["accuracy"] == pytest.approx(accuracy) and accuracy >= 0.9
     json.loads((tmp_path / "compression.json").read_text())  # a valid record
