@@ -12,7 +12,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ class TagSequences(torchmetrics.Metric):
     """
 
     full_state_update = False
+    preds: list[torch.Tensor]
+    target: list[torch.Tensor]
+    lengths: list[torch.Tensor]
 
     def __init__(self, names: Sequence[str], entities: bool, scheme: str, strict: bool):
         super().__init__()
@@ -217,7 +220,7 @@ class TokenEvaluator(Evaluator):
         from ftlab.tasks.reports import per_class
 
         values = self.headline()
-        metric = self.metrics["tags"]
+        metric = cast(TagSequences, self.metrics["tags"])
         task = self.task
         assert isinstance(task, TokenClassificationTask) and task.label_names is not None
         if task.entities:
