@@ -45,7 +45,10 @@ class LabelMap:
             return cls(None, task)
         if keep is not None:
             return cls([_name(v) for v in keep], task)
-        unique = {_name(v) for v in values} if task != "multilabel" else {_name(v) for s in values for v in s}
+        if task == "multilabel":  # values are label sets
+            unique = {_name(v) for names in values for v in names}  # type: ignore[attr-defined]
+        else:
+            unique = {_name(v) for v in values}
         try:
             names = sorted(unique, key=float)
         except ValueError:

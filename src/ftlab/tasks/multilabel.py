@@ -67,6 +67,8 @@ class MultiLabelScores(torchmetrics.Metric):
     thresholds; when ``tune_next`` is set (validation epoch end) it first tunes the task's thresholds on them."""
 
     full_state_update = False
+    probs: Any  # list of (B, C) tensors per step; one (N, C) tensor after a cross-rank sync
+    labels: Any
 
     def __init__(self, task: MultiLabelTask):
         super().__init__()
@@ -103,6 +105,9 @@ class MultiLabelTask(Task):
     """
 
     name = "multilabel"
+    thresholds: torch.Tensor  # buffers (C,), saved in every checkpoint
+    class_weights: torch.Tensor
+    pos_weight: torch.Tensor
 
     def __init__(
         self,
@@ -203,7 +208,7 @@ class MultiLabelEvaluator(Evaluator):
         from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
         values = self.headline()
-        metric = self.metrics["scores"]
+        metric: MultiLabelScores = self.metrics["scores"]  # type: ignore[assignment]
         probs = torchmetrics.utilities.dim_zero_cat(metric.probs).numpy()
         labels = torchmetrics.utilities.dim_zero_cat(metric.labels).numpy().astype(int)
         task = self.task
