@@ -133,7 +133,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(
         wall_time_s=round(time.perf_counter() - start, 2),
         seed=cfg.seed,
-        overrides=_overrides(output_dir, ckpt_path is not None),
+        overrides=_overrides(output_dir, bool(cfg.get("resume"))),  # a resumed run: its first command
     )
     folder.write_metrics(output_dir / folder.METRICS_FILE, metrics)
     _summary(metrics, output_dir)
