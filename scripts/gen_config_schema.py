@@ -24,7 +24,7 @@ from ftlab.checks.signatures import Spec, _union, spec_of, target_spec
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 SCHEMA = ROOT / "src" / "ftlab" / "checks" / "schema.json"
-APPS = ("train", "eval", "predict", "export")
+APPS = ("train", "eval", "predict", "export", "serve")
 DEVICE = Literal["cpu", "cuda", "auto"]
 
 # ftlab's own keys of conf/<app>.yaml (dotted) and their types; a key of the file not listed takes anything.
@@ -72,6 +72,25 @@ OWN_KEYS: dict[str, dict[str, Any]] = {
         "benchmark.batch_size": int,
         "benchmark.repeats": int,
         "device": DEVICE,
+    },
+    "serve": {
+        "run": str | None,
+        "export": str | None,
+        "ckpt": str | None,
+        "model_file": str | None,
+        "host": Literal["127.0.0.1", "0.0.0.0", "::"],
+        "port": int,
+        "device": Literal["cpu", "cuda"],
+        "workers": int,
+        "api_servers": int,
+        "threads": int,
+        "batching.max_batch_size": int,
+        "batching.max_wait_ms": float,
+        "max_items": int,
+        "max_body_mb": float,
+        "top_k": int,
+        "timeout_s": float,
+        "log_level": Literal["critical", "error", "warning", "info", "debug", "trace"],
     },
 }
 # Parameters typed ``str`` whose constructor accepts only some values: the choices, for the check to name them.
