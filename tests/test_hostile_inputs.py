@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import struct
 import zlib
 from pathlib import Path
@@ -44,6 +45,11 @@ class Payload:
 
 
 def test_resume_refuses_a_last_checkpoint_that_holds_pickled_code(reviews_csv, tmp_path):
+    probe = tmp_path / "probe"
+    pickle.loads(
+        pickle.dumps(Payload(probe))
+    ).close()  # the payload is live: unpickled, it creates its marker
+    assert probe.exists()
     run, marker = tmp_path / "run", tmp_path / "pwned"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": {}, "epoch": 0, "x": Payload(marker)}, run / "checkpoints/last.ckpt")
