@@ -394,6 +394,8 @@ def test_the_page_in_a_headless_browser_shows_the_label(text_server, text_run, t
         ([], "ftlab-serve needs run=<run folder>"),
         (["run=RUN", "port=80"], "port=80 must be a whole number from 1024 to 65535"),
         (["export=RUN"], "no export.json or compression.json in it"),
+        (["run=RUN", "porrt=9000"], "ftlab-serve has no setting 'porrt'. Did you mean port?"),
+        (["run=RUN", "device=gpu"], "ftlab-serve's device takes one of 'cpu', 'cuda'"),
     ],
 )
 def test_cli_mistakes_exit_2_with_one_paragraph(args, message, tmp_path):
