@@ -38,9 +38,8 @@ class Predictor:
             from ftlab.deploy.formats import onnx_session
 
             self.session = onnx_session(source.onnx)
-            self.run.module.backbone = (
-                None  # the ONNX file holds the network; keep the task and preprocessing only
-            )
+            # the ONNX file holds the network: free the backbone's weights, keep the task and the preprocessing
+            self.run.module.backbone = torch.nn.Identity()
             self.collate = self.datamodule.collator(cuda=False)
         else:
             self.run.module.to(self.device).eval()

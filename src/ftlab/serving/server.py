@@ -128,7 +128,8 @@ def build(cfg: DictConfig, source: Source) -> Any:
     from hydra.utils import get_class
 
     run_cfg = OmegaConf.load(source.run_dir / folder.CONFIG_FILE)
-    RULES.modality = get_class(run_cfg.data._target_).modality
+    assert isinstance(run_cfg, DictConfig)
+    RULES.modality = getattr(get_class(run_cfg.data._target_), "modality", "text")
     RULES.pairs = bool(run_cfg.data.get("text_pair_column"))
     RULES.max_items = int(cfg.max_items)
     batch = int(cfg.batching.max_batch_size)
