@@ -40,6 +40,7 @@ OWN_KEYS: dict[str, dict[str, Any]] = {
         "compile": bool,
         "malloc_tuning": bool,
         "feature_cache": bool | Literal["prefix"],
+        "required": list[str],
     },
     "eval": {
         "run": str,

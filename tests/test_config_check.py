@@ -212,3 +212,15 @@ print(json.dumps({"heavy": heavy, "caught": caught}))
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
     assert "trainer.max_epochs='abc'" in result["caught"] and "data.batch_size" in result["caught"]
+
+
+@pytest.mark.parametrize("experiment", ["mnist_transfer_target", "transfer_yosinski", "transfer_yosinski_full"])
+def test_an_experiments_required_key_left_null_is_a_problem(experiment):
+    # ``???`` in an experiment cannot override the model config's ``checkpoint: null`` (OmegaConf keeps null), so
+    # these experiments would have trained from scratch without the source network; ``required`` catches it
+    overrides = [f"experiment={experiment}"] + (["data.root=tv"] if experiment.endswith("full") else [])
+    problems = find_problems(compose_train(overrides), "train")
+    assert problems == [
+        f"model.backbone.checkpoint is not set, and {experiment} needs it (its required list): give it on the "
+        "command line, e.g. model.backbone.checkpoint=<value>."
+    ]

@@ -136,3 +136,33 @@ def test_image_cache_key_follows_pixels_and_transform_and_augmentation_turns_it_
     module, datamodule = _build(compose_cfg([*base, "data.augment=basic"]))
     assert "data.augment=basic" in why_not(module, datamodule, 2)
     assert maybe_cache_features(module, datamodule, 2, str(tmp_path)) is datamodule
+
+
+def test_multilabel_on_cached_hidden_states_matches_the_uncached_run(tmp_path, caplog):
+    """A multi-hot (C,) label row is one example's, not per token: the prefix cache keeps it whole."""
+    from test_multilabel import tiny_genres
+
+    tiny_genres(80).to_csv(tmp_path / "genres.csv", index=False)
+    base = [
+        "model=tiny_bert",
+        "data=text_files",
+        f"data.train_file={tmp_path / 'genres.csv'}",
+        "data.label_column=genres",
+        "data.task=multilabel",
+        "data.max_length=16",
+        "data.batch_size=8",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.max_epochs=2",
+        "callbacks.progress_bar.kind=log",
+        "optimizer.lr=3e-3",
+        "monitor=val/f1_micro",
+        "finetune=freeze_bottom",
+        "finetune.k=2",
+        "feature_cache=prefix",
+    ]
+    computed = "Feature cache: computed the frozen layers' outputs once (2 groups"
+    cached, uncached = _cached_and_uncached(base, tmp_path, caplog, computed)
+    for key in ("test/f1_micro", "test/loss", "best/val/f1_micro"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-4), key

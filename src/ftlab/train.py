@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ftlab.callbacks import BestScore, EpochSeed
+from ftlab.checks.check import required_problems
 from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
@@ -52,6 +53,9 @@ def _instantiate(node: DictConfig, **kwargs: Any) -> Any:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment described by ``cfg``; returns the metrics also written to ``metrics.json``."""
     start = time.perf_counter()
+    missing = required_problems(cfg)  # the CLI checked it already; train(cfg) from Python too
+    if missing:
+        raise ConfigError(" ".join(missing))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = folder.resume_checkpoint(output_dir) if cfg.get("resume") else None

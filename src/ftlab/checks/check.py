@@ -65,6 +65,7 @@ def _problems(cfg: DictConfig, app: str, schema: dict[str, Any]) -> list[str]:
     problems = [
         f"{path} is not set (??? in the config): give it, e.g. {path}=<value>." for path in _missing(cfg)
     ]
+    problems += required_problems(cfg)
     problems += _own_keys(cfg, own, app)
     for key, entry in own["nodes"].items():
         if isinstance(cfg.get(key), DictConfig) and "_target_" not in cfg[key]:
@@ -75,6 +76,32 @@ def _problems(cfg: DictConfig, app: str, schema: dict[str, Any]) -> list[str]:
             entry, error = _entry(target, schema)
             problems += (
                 [f"{path}._target_={target}: {error}"] if error else _check_node(path, node, target, entry)
+            )
+    return problems
+
+
+def required_problems(cfg: DictConfig) -> list[str]:
+    """The keys that ``required`` (set by an experiment) names but the composed config leaves null or unset.
+
+    ``???`` in an experiment cannot mark a key that a config group already sets (OmegaConf keeps the group's value
+    when merging a missing one), so experiments list such keys in ``required`` instead.
+    """
+    keys = cfg.get("required") or []
+    if not isinstance(keys, ListConfig | list):
+        return [
+            f"required={keys!r} must be a list of dotted keys, e.g. required=[model.backbone.checkpoint]."
+        ]
+    name = cfg.get("name", "this config")
+    problems = []
+    for key in keys:
+        try:
+            value = OmegaConf.select(cfg, str(key), throw_on_missing=False)
+        except OmegaConfBaseException:
+            value = None
+        if value is None or value == "???":
+            problems.append(
+                f"{key} is not set, and {name} needs it (its required list): give it on the command line, "
+                f"e.g. {key}=<value>."
             )
     return problems
 

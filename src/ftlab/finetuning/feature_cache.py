@@ -76,8 +76,11 @@ class HiddenStateDataset(Dataset):
 class HiddenStateCollator:
     """Pads cached hidden states (T_i, H) to the batch's longest; ``start_group`` tells the module where to go on."""
 
-    def __init__(self, start_group: int, multiple: int = 1, cap: int | None = None):
-        self.start_group = start_group
+    def __init__(self, start_group: int, multiple: int = 1, cap: int | None = None, per_token: bool = False):
+        self.start_group, self.per_token = (
+            start_group,
+            per_token,
+        )  # per_token: labels (T_i,) padded like states
         # the longest rounded up to a multiple, at most cap (data.pad_to_multiple_of on a GPU)
         self.multiple, self.cap = multiple, cap
 
@@ -89,7 +92,9 @@ class HiddenStateCollator:
         for row, item in enumerate(items):
             hidden[row, : len(item["hidden_states"])] = item["hidden_states"]
             mask[row, : len(item["hidden_states"])] = 1
-        if items[0]["labels"].ndim == 1:  # per token (T_i,): padded like the hidden states
+        if (
+            self.per_token
+        ):  # labels (T_i,): padded like the hidden states (a multi-hot (C,) row is not per token)
             labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
             for row, item in enumerate(items):
                 labels[row, : len(item["labels"])] = item["labels"]
@@ -135,7 +140,7 @@ class CachedFeatureDataModule(TensorDictDataModule):
         collate = self.collate
         if isinstance(collate, HiddenStateCollator):  # widths rounded as the text module's batches would be
             text = self.source.collator(cuda=on_cuda(self.trainer))
-            collate = HiddenStateCollator(collate.start_group, text.multiple, text.cap)
+            collate = HiddenStateCollator(collate.start_group, text.multiple, text.cap, collate.per_token)
         return DataLoader(
             dataset,
             batch_size=self.source.batch_size if train else self.source.eval_batch_size,
@@ -214,9 +219,15 @@ def cache_key(module: Any, datamodule: Any, k: int | None = None) -> str:
 
 @torch.no_grad()
 def _compute(
-    backbone: torch.nn.Module, datamodule: Any, k: int, whole: bool, device: torch.device | None = None
+    backbone: torch.nn.Module,
+    datamodule: Any,
+    k: int,
+    whole: bool,
+    device: torch.device | None = None,
+    per_token: bool = False,
 ) -> dict[str, Any]:
-    """Per split: pooled features (N, H) of the whole backbone, or the hidden states after group k, flat.
+    """Per split: pooled features (N, H) of the whole backbone, or the hidden states after group k, flat (with
+    ``per_token`` labels (token-level tasks) trimmed and stored flat like the states).
 
     Computed on ``device`` (the trainer's: a GPU run computes its cache on the GPU, in fp32) and kept on the CPU.
     """
@@ -240,7 +251,7 @@ def _compute(
                 lengths = batch["attention_mask"].sum(1).tolist()  # keep each example's real tokens
                 parts += [h[:n] for h, n in zip(hidden, lengths, strict=True)]
                 tags = batch["labels"].cpu()  # (B,) or per token (B, T): trimmed like the states
-                labels += [t[:n] for t, n in zip(tags, lengths, strict=True)] if tags.ndim == 2 else [tags]
+                labels += [t[:n] for t, n in zip(tags, lengths, strict=True)] if per_token else [tags]
         lengths = torch.tensor([0] + [len(p) for p in parts]) if not whole else None
         out[split] = (
             (torch.cat(parts), torch.cat(labels))
@@ -274,7 +285,7 @@ def _load_or_compute(
         os.utime(path)  # type: ignore[arg-type]  # most recently used: trimmed last
         log.info("Feature cache: read the frozen layers' outputs from %s.", path)
         return saved
-    saved = _compute(module.backbone, datamodule, k, whole, device)
+    saved = _compute(module.backbone, datamodule, k, whole, device, module.task.level == "token")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         # atomic: jobs of a sweep may write the same entry
@@ -318,4 +329,4 @@ def maybe_cache_features(
     if whole:
         return CachedFeatureDataModule(datamodule, {s: FeatureDataset(*v) for s, v in saved.items()})
     datasets = {s: HiddenStateDataset(*v, per_token=per_token) for s, v in saved.items()}
-    return CachedFeatureDataModule(datamodule, datasets, HiddenStateCollator(k))
+    return CachedFeatureDataModule(datamodule, datasets, HiddenStateCollator(k, per_token=per_token))
