@@ -342,7 +342,9 @@ class TextClassificationDataModule(ClassificationDataModule):
     def _clean(self, frame: pd.DataFrame, split: str) -> pd.DataFrame:
         text, pair, label = (self.columns[k] for k in ("text_column", "text_pair_column", "label_column"))
         require_columns(frame, self.columns, split)
-        require_columns(frame, {f"label_columns[{i}]": c for i, c in enumerate(self.label_columns or [])}, split)
+        require_columns(
+            frame, {f"label_columns[{i}]": c for i, c in enumerate(self.label_columns or [])}, split
+        )
         used = [c for c in (text, pair, label, *(self.label_columns or [])) if c is not None]
         clean = frame.dropna(subset=used)
         if len(clean) < len(frame):
