@@ -214,7 +214,9 @@ print(json.dumps({"heavy": heavy, "caught": caught}))
     assert "trainer.max_epochs='abc'" in result["caught"] and "data.batch_size" in result["caught"]
 
 
-@pytest.mark.parametrize("experiment", ["mnist_transfer_target", "transfer_yosinski", "transfer_yosinski_full"])
+@pytest.mark.parametrize(
+    "experiment", ["mnist_transfer_target", "transfer_yosinski", "transfer_yosinski_full"]
+)
 def test_an_experiments_required_key_left_null_is_a_problem(experiment):
     # ``???`` in an experiment cannot override the model config's ``checkpoint: null`` (OmegaConf keeps null), so
     # these experiments would have trained from scratch without the source network; ``required`` catches it

@@ -138,7 +138,10 @@ ERRORS = {
     "unseen_label": (_bad_test_file, "label(s) ['meh']"),
     "model_offline": (lambda t: "model=bert", "could not be loaded"),
     "unknown_key": (lambda t: "trainer.no_such_key=1", "no_such_key"),
-    "null_lr": (lambda t: "optimizer.lr=null", "optimizer.lr=null: torch.optim.AdamW's lr takes a number, not null"),
+    "null_lr": (
+        lambda t: "optimizer.lr=null",
+        "optimizer.lr=null: torch.optim.AdamW's lr takes a number, not null",
+    ),
 }
 
 

@@ -189,7 +189,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         sources = {"classification": IMAGE_SOURCES, "multilabel": tuple(MULTILABEL_IMAGES)}
         if task not in sources:
-            raise ConfigError(f"data.task={task!r} is not supported for images; use one of {', '.join(sources)}.")
+            raise ConfigError(
+                f"data.task={task!r} is not supported for images; use one of {', '.join(sources)}."
+            )
         if source not in sources[task]:
             raise ConfigError(
                 f"data.source={source!r} is not supported for data.task={task}; use one of "
@@ -237,7 +239,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
         return load_torchvision(args["name"], args["root"], bool(args["download"]), args["options"])
 
     def _keep(self, split: str, images: np.ndarray, labels: np.ndarray) -> Split:
-        if self.keep_classes is None or self.task == "multilabel":  # multi-label: data.classes fixes the order
+        if (
+            self.keep_classes is None or self.task == "multilabel"
+        ):  # multi-label: data.classes fixes the order
             return images, labels
         mask = np.isin(labels, self.keep_classes)
         if not mask.any():

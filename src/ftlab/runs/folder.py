@@ -21,7 +21,9 @@ CONF_DIR = f"pkg://{CONF_PACKAGE}"
 # Every file name of the run folder, named here only.
 METRICS_FILE = "metrics.json"
 LABELS_FILE = "labels.json"
-THRESHOLDS_FILE = "thresholds.json"  # a multi-label run's per-label decision thresholds (ftlab.tasks.multilabel)
+THRESHOLDS_FILE = (
+    "thresholds.json"  # a multi-label run's per-label decision thresholds (ftlab.tasks.multilabel)
+)
 STATUS_FILE = "status.json"  # a sweep job's completed/failed record (ftlab.runs.jobs)
 BACKBONE_FILE = "backbone.pt"  # the backbone alone (save_backbone=true), for transfer
 OOF_FILE = "oof_predictions.csv"  # a k-fold run's validation-fold predictions (ftlab.crossval)
