@@ -95,6 +95,7 @@ FILL = {
     "data=text_files": ["data.train_file=x.csv"],
     "data=token_files": ["data.train_file=x.conll"],
     "data=image_folder": ["data.root=images"],
+    "data=image_table": ["data.labels_file=labels.csv"],
     "data=hf_hub": ["data.hub_name=glue"],
     "data=torchvision": ["data.root=tv"],
     "experiment=mnist_transfer_target": ["model.backbone.checkpoint=a/backbone.pt"],

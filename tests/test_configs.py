@@ -28,6 +28,9 @@ OFFLINE = {
     ],  # bert-base-uncased: hub only
     ("data", "hf_hub"): ["data.hub_name=glue"],  # constructor only: loading needs the hub
     ("data", "image_folder"): ["data.root=/data/flowers"],  # constructor only: root is the user's (???)
+    ("data", "image_table"): [
+        "data.labels_file=/data/labels.csv"
+    ],  # constructor only: the user's table (???)
     ("data", "torchvision"): ["data.root=/data/cifar"],  # constructor only: the download needs internet
 }
 # options checked by composition and signatures only: no GPU here

@@ -23,7 +23,7 @@ from ftlab.data.image_sources import (
 )
 from ftlab.data.imbalance import check_class_fraction, check_sampler, cut_classes
 from ftlab.data.labels import LabelMap
-from ftlab.data.multilabel import MULTILABEL_IMAGES, check_multilabel_options
+from ftlab.data.multilabel import MULTILABEL_IMAGES, check_multilabel_options, load_image_table
 from ftlab.data.sources import SPLITS
 from ftlab.utils.errors import ConfigError, DataError
 
@@ -138,6 +138,10 @@ class ImageClassificationDataModule(ClassificationDataModule):
         preprocessing: the backbone's :class:`ImagePreprocessing` (input size, channels, mean/std).
         source: ``mnist5k``, ``digits``, ``lfw_faces`` (embedded), ``image_folder`` or ``torchvision``; for
             ``task=multilabel``: ``mnist_pairs`` (embedded, :func:`~ftlab.data.multilabel.load_mnist_pairs`).
+            ``image_table`` (either task): images listed in ``labels_file`` (and optional ``val_labels_file`` /
+            ``test_labels_file``) with an ``image_column`` of paths (relative to ``root``) and the labels in
+            ``label_column`` (a class; for multi-label a JSON list or names joined by ``label_separator``) or in 0/1
+            ``label_columns``.
         task: ``classification`` or ``multilabel`` (a set of labels per image).
         root, val_root, test_root: folders for ``image_folder`` (``<root>/<class>/<image>``); ``root`` is also
             where a ``torchvision`` dataset lies (or is downloaded to).
@@ -185,9 +189,19 @@ class ImageClassificationDataModule(ClassificationDataModule):
         task: str = "classification",
         sampler: str = "none",
         class_fraction: dict[str, float] | None = None,
+        labels_file: str | None = None,
+        val_labels_file: str | None = None,
+        test_labels_file: str | None = None,
+        image_column: str = "image",
+        label_column: str = "label",
+        label_columns: list[str] | None = None,
+        label_separator: str = "|",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
-        sources = {"classification": IMAGE_SOURCES, "multilabel": tuple(MULTILABEL_IMAGES)}
+        sources = {
+            "classification": (*IMAGE_SOURCES, "image_table"),
+            "multilabel": (*MULTILABEL_IMAGES, "image_table"),
+        }
         if task not in sources:
             raise ConfigError(
                 f"data.task={task!r} is not supported for images; use one of {', '.join(sources)}."
@@ -199,7 +213,23 @@ class ImageClassificationDataModule(ClassificationDataModule):
             )
         check_sampler(sampler, task)
         check_class_fraction(class_fraction, task)
-        check_multilabel_options(task, None, "|", examples_per_class)
+        check_multilabel_options(task, label_columns, label_separator, examples_per_class)
+        if source == "image_table" and not labels_file:
+            raise ConfigError(
+                "data.source=image_table needs data.labels_file: a CSV/TSV/JSONL/Parquet table with an image path "
+                "column (data.image_column) and the labels (data.label_column, or 0/1 data.label_columns)."
+            )
+        self.table_args: dict[str, Any] = dict(
+            files={
+                "labels_file": labels_file,
+                "val_labels_file": val_labels_file,
+                "test_labels_file": test_labels_file,
+            },
+            image_column=image_column,
+            label_column=label_column,
+            label_columns=label_columns,
+            separator=label_separator,
+        )
         self.task, self.sampler = task, sampler
         self.class_fraction = {str(k): v for k, v in class_fraction.items()} if class_fraction else None
         if augment not in AUGMENTATIONS:
@@ -230,6 +260,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def _load(self) -> dict[str, Split]:
         args = self.source_args
+        if self.source == "image_table":
+            return load_image_table(root=args["root"], task=self.task, **self.table_args)
         if self.source in MULTILABEL_IMAGES:
             return MULTILABEL_IMAGES[self.source]()
         if self.source in EMBEDDED_IMAGES:

@@ -119,3 +119,48 @@ def table_labels(
     return list(
         parse_label_sets(frame[label_column].tolist(), separator, f"data.label_column={label_column!r}")
     )
+
+
+def load_image_table(
+    files: dict[str, str | None],
+    root: str | None,
+    image_column: str,
+    label_column: str | None,
+    label_columns: Sequence[str] | None,
+    separator: str,
+    task: str,
+) -> dict[str, Split]:
+    """Images listed in tables (``data.labels_file``, optional ``val_labels_file`` / ``test_labels_file``): a path
+    column (relative to ``data.root`` unless absolute) and the labels (one class, or a label set as
+    :func:`table_labels` reads it). Images stay on disk and are read per item."""
+    from pathlib import Path
+
+    from ftlab.data.image_sources import check_readable
+    from ftlab.data.sources import read_table
+
+    base = Path(root).expanduser() if root else None
+    splits: dict[str, Split] = {}
+    for split, (key, path) in zip(("train", "validation", "test"), files.items(), strict=True):
+        if not path:
+            continue
+        frame = read_table(path, f"data.{key}")
+        wanted = [image_column, *(label_columns or [label_column])]
+        absent = [c for c in wanted if c not in frame.columns]
+        if absent:
+            raise DataError(
+                f"data.{key}={path!r} has no column {absent[0]!r} (its columns: {', '.join(map(str, frame.columns))})"
+                "; set data.image_column / data.label_column / data.label_columns to its column names."
+            )
+        paths = [str(p if Path(p).is_absolute() or base is None else base / p) for p in frame[image_column]]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise DataError(
+                f"data.{key}={path!r} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}; paths are "
+                "relative to data.root unless absolute."
+            )
+        images = np.asarray(paths, dtype=object)
+        check_readable(images)
+        labels = np.empty(len(frame), dtype=object)
+        labels[:] = table_labels(frame, task, label_column, label_columns, separator, split)
+        splits[split] = (images, labels if task == "multilabel" else labels.astype(str))
+    return splits
