@@ -55,7 +55,8 @@ class EpochSeed(Callback):
 
 def _rng_states() -> dict[str, Any]:
     """The generators' states as tensors and plain values (checkpoints are read with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Any = np.random.get_state()  # the legacy tuple form: (name, keys, pos, has_gauss, cached)
+    name, keys, pos, has_gauss, cached = state
     return {
         "torch": torch.get_rng_state(),
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
@@ -98,7 +99,7 @@ class BestScore(Callback):
             self.best, self.best_epoch = value, trainer.current_epoch
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        carried = {
+        carried: dict[str, Any] = {
             "fit/epoch": trainer.current_epoch,
             "fit/step": trainer.fit_loop.epoch_loop._batches_that_stepped,
         }

@@ -37,8 +37,8 @@ class OutOfFoldPredictions(Callback):
     works the same under every strategy.
     """
 
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule: Any = trainer.datamodule
+    def on_test_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        datamodule: Any = trainer.datamodule  # type: ignore[attr-defined]
         if getattr(datamodule, "folds", None) is None or not trainer.is_global_zero:
             return
         if getattr(pl_module, "task", None) is None or pl_module.task.name != "classification":

@@ -90,7 +90,7 @@ class Preemption(Callback):
             "%s: saved the position (epoch %d, batch %d) to %s; stopping.",
             name,
             trainer.current_epoch,
-            trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            trainer.fit_loop.epoch_loop.batch_progress.current.processed,  # type: ignore[attr-defined]
             folder.LAST_CKPT,
         )
         message = f"{name} received; continue with resume={run_dir}"
@@ -111,7 +111,7 @@ def consumed_batches(trainer: pl.Trainer | None, num_examples: int, batch_size: 
     """Training batches the restored epoch had already consumed (0 unless resuming mid-epoch)."""
     if trainer is None or not trainer.fit_loop.restarting:
         return 0
-    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
     return done if 0 < done * batch_size < num_examples else 0  # a finished epoch starts the next one whole
 
 

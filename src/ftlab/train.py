@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytorch_lightning as pl
 import torch
@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     tune_malloc(cfg.get("malloc_tuning", True))  # glibc keeps freed memory between steps (utils/allocator.py)
     pl.seed_everything(cfg.seed, workers=True)  # before anything is built: the new head's init depends on it
-    backbone = _instantiate(cfg.model.backbone)
+    backbone: Any = _instantiate(cfg.model.backbone)
     if not isinstance(backbone, Backbone):
         raise ConfigError(
             f"model.backbone._target_={cfg.model.backbone.get('_target_')} built a {type(backbone).__name__}, which "
@@ -75,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")  # the number of classes is known only once the data is read
     module = build_module(
         cfg,
-        backbone,
+        cast(Any, backbone),
         datamodule.num_classes,
         datamodule.label_names,
         make=_instantiate,

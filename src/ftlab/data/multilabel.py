@@ -144,7 +144,7 @@ def load_image_table(
         if not path:
             continue
         frame = read_table(path, f"data.{key}")
-        wanted = [image_column, *(label_columns or [label_column])]
+        wanted = [image_column, *(label_columns or ([label_column] if label_column else []))]
         absent = [c for c in wanted if c not in frame.columns]
         if absent:
             raise DataError(

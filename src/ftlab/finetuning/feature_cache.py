@@ -328,5 +328,5 @@ def maybe_cache_features(
     saved = _load_or_compute(module, datamodule, k, whole, path, max_gb, device)
     if whole:
         return CachedFeatureDataModule(datamodule, {s: FeatureDataset(*v) for s, v in saved.items()})
-    datasets = {s: HiddenStateDataset(*v, per_token=per_token) for s, v in saved.items()}
+    datasets = {s: HiddenStateDataset(v[0], v[1], v[2], per_token=per_token) for s, v in saved.items()}
     return CachedFeatureDataModule(datamodule, datasets, HiddenStateCollator(k, per_token=per_token))

@@ -60,7 +60,7 @@ class EmbeddingSite:
     def __init__(self, backbone: EmbeddingBackbone, batch: dict[str, torch.Tensor]):
         self.batch, self.embeddings = batch, backbone.input_embeddings()
         ids = batch["input_ids"]
-        width = self.embeddings.weight.shape[1]
+        width = int(self.embeddings.weight.shape[1])  # type: ignore[index]
         self.shape = (*ids.shape, width)
         self.device = ids.device
         mask = batch.get("attention_mask")

@@ -151,8 +151,9 @@ class FinetuneModule(pl.LightningModule):
             return backbone.forward_from(
                 int(batch["start_group"]), batch["hidden_states"], batch["attention_mask"], pool
             )
-        if self.task.level == "token":
-            return self.backbone.token_features(batch)
+        if self.task.level == "token":  # a TokenBackbone: checked when the module was built
+            tokens: Any = self.backbone
+            return tokens.token_features(batch)
         return self.backbone(batch)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -87,8 +87,10 @@ def build_module(
     follow it). ``task`` defaults to ``cfg.data.task``; ``class_counts`` (training examples per class) feed
     ``module.class_weights=balanced`` when training, and a rebuilt run reads the weights from its checkpoint.
     ``make`` instantiates the user's head and policy (``train`` unwraps their errors)."""
-    options = OmegaConf.to_container(cfg.get("module") or {}, resolve=True)
-    assert isinstance(options, dict)
+    options: dict[str, Any] = {
+        str(k): v
+        for k, v in dict(OmegaConf.to_container(cfg.get("module") or {}, resolve=True)).items()  # type: ignore[arg-type]
+    }
     the_task = build_task(
         task or cfg.data.get("task", "classification"), num_classes, label_names, options, class_counts
     )

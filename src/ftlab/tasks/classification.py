@@ -38,6 +38,7 @@ class ClassificationTask(Task):
     """
 
     name = "classification"
+    class_weights: torch.Tensor
 
     def __init__(
         self,
