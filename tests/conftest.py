@@ -47,6 +47,18 @@ def tiny_reviews(n_per_class: int = 40) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.fixture(autouse=True)
+def _no_hydra_state_left_behind():
+    """A test that runs a Hydra app in-process (a multirun especially) leaves Hydra's singletons set; the next
+    test would then see a Hydra job (``ftlab.runs.jobs.is_multirun()`` true) that is not there."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    GlobalHydra.instance().clear()
+
+
 @pytest.fixture
 def reviews_csv(tmp_path: Path) -> Path:
     path = tmp_path / "reviews.csv"
