@@ -20,7 +20,7 @@ def _train(tmp_path: Path, csv_path: Path, name: str, *extra: str) -> tuple[Path
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
-    done = run_cli("train", args, cwd=tmp_path)
+    done = run_cli("train", args, cwd=tmp_path, timeout=900)  # two spawned ranks: minutes on a loaded machine
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir, done.stdout + done.stderr
 
