@@ -50,8 +50,13 @@ def tiny_reviews(n_per_class: int = 40) -> pd.DataFrame:
 @pytest.fixture(autouse=True)
 def _no_hydra_state_left_behind():
     """A test that runs a Hydra app in-process (a multirun especially) leaves Hydra's singletons set; the next
-    test would then see a Hydra job (``ftlab.runs.jobs.is_multirun()`` true) that is not there."""
+    test would then see a Hydra job (``ftlab.runs.jobs.is_multirun()`` true) that is not there. The environment is
+    restored too: Lightning's cluster environments write MASTER_ADDR/MASTER_PORT into it, and a later DDP run
+    (whose ranks inherit it) would try to meet there."""
+    environment = dict(os.environ)
     yield
+    os.environ.clear()
+    os.environ.update(environment)
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 

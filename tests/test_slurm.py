@@ -113,8 +113,11 @@ def test_a_rank_sees_the_launcher_layout_through_slurm_environment(tmp_path, mon
     }
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
-    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+    # setenv first so that monkeypatch restores these at teardown: SLURMEnvironment writes MASTER_ADDR/MASTER_PORT
+    # (gpu017:15991) into os.environ, and a later DDP test in this process would try to meet there
+    for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK"):
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, callbacks=[])
     environment = trainer.strategy.cluster_environment
     assert isinstance(environment, SLURMEnvironment)
