@@ -167,9 +167,11 @@ def _prepare_multirun(cfg: DictConfig, output_dir: Path) -> None:
         with open_dict(cfg):
             cfg.resume = str(output_dir)
     if cfg.get("resume") is True:
-        # The sweep variant of resume: continue this job's own run if it was cut off, else start it afresh.
+        # The sweep variant of resume: continue this job's own run if it was cut off, else start it afresh. A job
+        # killed between writing best.ckpt and last.ckpt has best.ckpt alone: it continues from there.
+        saved = any((output_dir / name).is_file() for name in (folder.LAST_CKPT, folder.BEST_CKPT))
         with open_dict(cfg):
-            cfg.resume = str(output_dir) if (output_dir / folder.LAST_CKPT).is_file() else None
+            cfg.resume = str(output_dir) if saved else None
 
 
 def _status(run_dir: Path) -> str | None:
