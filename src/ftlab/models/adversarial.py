@@ -246,15 +246,31 @@ class PGD(Adversary):
     def attack(
         self, module: Any, site: Any, norm: str, clean: torch.Tensor, zero: torch.Tensor, batch_idx: int
     ) -> torch.Tensor:
+        return self.loss_at(module, site, self.perturbation(module, site, norm, batch_idx, clean, zero))
+
+    def perturbation(
+        self,
+        module: Any,
+        site: Any,
+        norm: str,
+        batch_idx: int,
+        clean: torch.Tensor | None = None,
+        zero: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The last PGD perturbation (detached); also the evaluation attacks' (:mod:`ftlab.robustness`), which
+        pass no ``clean``/``zero``: the clean loss is then computed here when the first step needs it."""
         if self.random_start:
             delta = self.start(module, site, norm, self.epsilon, batch_idx)
         else:
+            if clean is None or zero is None:
+                zero = torch.zeros(site.shape, device=site.device, requires_grad=True)
+                clean = self.loss_at(module, site, zero)
             delta = self.step(site, zero, self.alpha, self.grad(module, clean, zero, retain=True), norm)
         for _ in range(self.steps - (0 if self.random_start else 1)):
             delta.requires_grad_(True)
             grad = self.grad(module, self.loss_at(module, site, delta), delta, retain=False)
             delta = self.step(site, delta, self.alpha, grad, norm)
-        return self.loss_at(module, site, delta)
+        return delta
 
 
 class FreeLB(Adversary):
