@@ -79,16 +79,29 @@ def optimizer_param_groups(
     param_groups = []
     for group in groups:
         no_decay = _no_decay_ids(group)
-        group_lr = lr * lr_scales.get(group.name, 1.0)
+        scale = lr_scales.get(group.name, 1.0)  # kept in the group: the LR search (tune.lr) reapplies it
+        group_lr = lr * scale
         decayed = [p for _, p in group.params if id(p) not in no_decay]
         plain = [p for _, p in group.params if id(p) in no_decay]
         if decayed:
             param_groups.append(
-                {"name": group.name, "params": decayed, "lr": group_lr, "weight_decay": weight_decay}
+                {
+                    "name": group.name,
+                    "params": decayed,
+                    "lr": group_lr,
+                    "lr_scale": scale,
+                    "weight_decay": weight_decay,
+                }
             )
         if plain:
             param_groups.append(
-                {"name": f"{group.name}.no_decay", "params": plain, "lr": group_lr, "weight_decay": 0.0}
+                {
+                    "name": f"{group.name}.no_decay",
+                    "params": plain,
+                    "lr": group_lr,
+                    "lr_scale": scale,
+                    "weight_decay": 0.0,
+                }
             )
     return param_groups
 

@@ -72,6 +72,7 @@ class FinetuneModule(pl.LightningModule):
         self.backbone, self.head, self.policy, self.task = backbone, head, policy, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.adversarial = adversarial
+        self.lr_search = False  # tune.lr's search is running (ftlab.lr_finder)
         self.fixed = policy.prepare(backbone)  # re-init, PEFT wrapping: before the groups are built
         self.groups = build_groups(backbone, head)
         self.group_names = [g.name for g in self.groups]
@@ -124,6 +125,11 @@ class FinetuneModule(pl.LightningModule):
             if group.name in self.frozen and group.name in self.keep_grad:
                 for _, param in group.params:
                     param.grad = None
+        if (
+            self.lr_search
+        ):  # Lightning's LR search gives every group one lr: the policy's multipliers still hold
+            for param_group in optimizer.param_groups:
+                param_group["lr"] *= param_group.get("lr_scale", 1.0)
 
     def configure_gradient_clipping(
         self,
