@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.checks.check import required_problems
 from ftlab.finetuning.feature_cache import maybe_cache_features
+from ftlab.lr_finder import tuned_lr
 from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
 from ftlab.runs.rebuild import build_module
@@ -110,6 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             prefix=cfg.feature_cache == "prefix",
             device=trainer.strategy.root_device,  # computed where training runs
         )
+    # tune.lr: Lightning's LR search on this module (a resumed run reads its own earlier result)
+    tuned_lr(cfg, trainer, module, datamodule, output_dir, resumed=ckpt_path is not None)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # tensors only
     best_record = best.record(trainer)  # also from spawned ranks (ddp_spawn)
 
@@ -133,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update(best_record, monitor=cfg.monitor)
     metrics["task"] = module.task.name
+    metrics.update(_optimizer_settings(module))
     metrics.update(counts)
     metrics.update(
         wall_time_s=round(time.perf_counter() - start, 2),
@@ -142,6 +146,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     folder.write_metrics(output_dir / folder.METRICS_FILE, metrics)
     _summary(metrics, output_dir)
     return metrics
+
+
+def _optimizer_settings(module: Any) -> dict[str, Any]:
+    """The base learning rate, weight decay and warmup the run trained with (family presets, tune.lr or set)."""
+    keywords = getattr(module.optimizer_factory, "keywords", {})
+    settings = {f"optimizer/{k}": keywords[k] for k in ("lr", "weight_decay") if k in keywords}
+    warmup = getattr(module.scheduler_factory, "keywords", {}).get("warmup")
+    if warmup is not None:
+        settings["scheduler/warmup"] = warmup
+    return settings
 
 
 def _summary(metrics: dict[str, Any], output_dir: Path) -> None:
