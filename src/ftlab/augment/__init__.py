@@ -1,0 +1,1 @@
+"""Training-time augmentation: seeded text perturbations (EDA, character noise) and MixUp/CutMix for images."""
