@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import Callback
 
 from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError, DataFileError
+from ftlab.utils.safe_files import write_frame
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class OutOfFoldPredictions(Callback):
         frame = predict_fold(pl_module, datamodule.val_dataloader(), pl_module.task.label_names)
         frame.insert(0, "index", np.asarray(datamodule.fold_index))
         frame.insert(1, "fold", datamodule.fold)
-        frame.to_csv(Path(trainer.default_root_dir) / folder.OOF_FILE, index=False)
+        write_frame(Path(trainer.default_root_dir) / folder.OOF_FILE, frame, index=False)
 
 
 def predict_fold(module: Any, loader: Any, names: list[str] | None) -> pd.DataFrame:

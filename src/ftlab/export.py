@@ -14,7 +14,6 @@ difference from the checkpoint is reported and must be within ``tolerance``. ``e
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from ftlab.deploy import compress as compression
 from ftlab.deploy import formats
 from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError, FtlabError
+from ftlab.utils.safe_files import write_json
 
 
 class ExportCheckError(FtlabError, RuntimeError):
@@ -95,7 +95,7 @@ def export_format(cfg: DictConfig, run: rebuild.LoadedRun) -> dict[str, Any]:
         "tolerance": float(cfg.tolerance),
         "same_labels": same_labels,
     }
-    (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "export.json", record)
     files = ", ".join(sorted(p.name for p in out.iterdir()))
     print(
         f"\nftlab export: {cfg.format} -> {out}\n  files            {files}\n  examples checked {record['examples_checked']}"

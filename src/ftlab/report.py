@@ -29,6 +29,7 @@ import yaml
 
 from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
+from ftlab.utils.safe_files import save_figure, write_frame, write_text
 
 DROPPED = ("paths.", "hydra.", "hydra/", "resume", "logger")  # overrides that do not change the result
 
@@ -255,7 +256,7 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
                 ax.legend(fontsize="small", title=", ".join(others))
         fig.tight_layout()
         path = out / f"plot_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         written.append(path)
     if not written and names and len(table) > 1:  # nothing numeric to put on an axis: one bar per row
@@ -280,7 +281,7 @@ def _bar_plot(table: pd.DataFrame, metrics: list[str], names: list[str], out: Pa
         ax.set(xlabel=m)
     fig.tight_layout()
     path = out / "plot_settings.png"
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path
 
@@ -308,9 +309,9 @@ def report(
     out = out or sweeps[0]
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(table, metrics, jobs, fixed)
-    (out / "results.md").write_text(md)
-    table.to_csv(out / "results.csv", index=False)
-    (out / "results.tex").write_text(latex(table, metrics))
+    write_text(out / "results.md", md)
+    write_frame(out / "results.csv", table, index=False)
+    write_text(out / "results.tex", latex(table, metrics))
     written = plot(table, plotted, keys, out) if plots and not table.empty else []
     return {"table": table, "jobs": jobs, "markdown": md, "plots": written, "out": out}
 

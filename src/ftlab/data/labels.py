@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ftlab.utils.errors import DataError
+from ftlab.utils.safe_files import write_json
 
 TASKS = ("classification", "regression", "multilabel")
 
@@ -97,7 +98,7 @@ class LabelMap:
         return {"task": self.task, "names": self.names}
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: Path) -> LabelMap:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import json
 import logging
 import shutil
 import statistics
@@ -33,6 +32,7 @@ from torch.nn.utils import prune
 from ftlab.deploy import formats
 from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def compress(
         "benchmark": {**dict(cfg.benchmark), "threads": torch.get_num_threads(), "runtime": "onnxruntime"},
         "rows": rows,
     }
-    (out / "compression.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / "compression.md").write_text(table + "\n")
+    write_json(out / "compression.json", record)
+    write_text(out / "compression.md", table + "\n")
     print(f"\nftlab export: compress={method} -> {out}\n\n{table}\n", flush=True)
     return record

@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ftlab.tasks.base import Evaluator, Task
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import write_frame
 
 LOSSES = ("cross_entropy", "focal")
 
@@ -164,8 +165,8 @@ class ClassificationEvaluator(Evaluator):
         values["f1_micro"] = float(micro(preds, labels))
         names = self.task.label_names or [str(i) for i in range(n)]
         report, matrix = per_class(preds.numpy(), labels.numpy(), names)
-        report.to_csv(out_dir / "per_class.csv", index=False)
-        matrix.to_csv(out_dir / "confusion_matrix.csv")
+        write_frame(out_dir / "per_class.csv", report, index=False)
+        write_frame(out_dir / "confusion_matrix.csv", matrix)
         plot_confusion(matrix, out_dir / "confusion_matrix.png", title)
         print("\n" + report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return values

@@ -10,7 +10,6 @@ validation split (ties: the one nearest 0.5; a label without a positive validati
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from torchmetrics.functional.classification import (
 from ftlab.tasks.base import Evaluator, Task
 from ftlab.tasks.classification import balanced_weights
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import write_frame, write_json
 
 GRID = torch.linspace(0.05, 0.95, 19)  # candidate thresholds
 
@@ -194,7 +194,7 @@ class MultiLabelTask(Task):
             "mode": self.threshold_mode,
             "thresholds": dict(zip(names, self.thresholds.tolist(), strict=True)),
         }
-        (run_dir / THRESHOLDS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        write_json(run_dir / THRESHOLDS_FILE, record)
 
     def evaluator(self) -> Evaluator:
         return MultiLabelEvaluator(self)
@@ -234,6 +234,6 @@ class MultiLabelEvaluator(Evaluator):
                 "predicted": (probs >= thresholds).sum(0),
             }
         )
-        report.to_csv(out_dir / "per_label.csv", index=False)
+        write_frame(out_dir / "per_label.csv", report, index=False)
         print("\n" + report.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return values

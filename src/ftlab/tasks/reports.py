@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ftlab.utils.safe_files import save_figure
+
 
 def per_class(preds: np.ndarray, labels: np.ndarray, names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per-label precision/recall/F1/support, and the confusion matrix (rows: true label, columns: predicted)."""
@@ -42,5 +44,5 @@ def plot_confusion(matrix: pd.DataFrame, path: Path, title: str) -> None:
     for (i, j), count in np.ndenumerate(matrix.to_numpy()):
         ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import write_frame
 
 # user spelling -> seqeval's scheme class name (used for strict matching and for the scheme check)
 SCHEMES = {"BIO": "IOB2", "IOB2": "IOB2", "BIOES": "IOBES", "IOBES": "IOBES"}
@@ -236,7 +237,7 @@ class TokenEvaluator(Evaluator):
                 [{"entity_type": k, **{m: float(v) for m, v in row.items()}} for k, row in report.items()]
             )
             frame["support"] = frame["support"].astype(int)
-            frame.to_csv(out_dir / "per_entity.csv", index=False)
+            write_frame(out_dir / "per_entity.csv", frame, index=False)
         else:
             preds = metric._flat("preds").numpy()
             gold_ids = metric._flat("target").numpy()
@@ -246,7 +247,7 @@ class TokenEvaluator(Evaluator):
             frame, matrix = per_class(
                 np.vectorize(remap.get)(preds), np.vectorize(remap.get)(gold_ids), names
             )
-            frame.to_csv(out_dir / "per_tag.csv", index=False)
-            matrix.to_csv(out_dir / "confusion_matrix.csv")
+            write_frame(out_dir / "per_tag.csv", frame, index=False)
+            write_frame(out_dir / "confusion_matrix.csv", matrix)
         print(f"\n{title}\n" + frame.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         return values

@@ -2,6 +2,7 @@
 
 - :func:`atomic_write`: every file ftlab writes goes to a temporary name in the same folder and is renamed over
   the target (``os.replace`` is atomic on POSIX): a reader sees the old file or the new one, never half of one.
+  :func:`write_text`, :func:`write_json`, :func:`write_frame` (CSV) and :func:`save_figure` are its common uses.
 - :func:`read_cached_tensors` / :func:`read_cached_arrays`: a cache entry is read with ``weights_only=True`` /
   ``allow_pickle=False``; one that cannot be read that way (damaged, or holding pickled objects) is reported,
   removed and computed again, so a cache file from elsewhere never runs code.
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import signal
@@ -26,8 +28,10 @@ from ftlab.utils.errors import FtlabError
 
 log = logging.getLogger(__name__)
 
-# tests only: "<point>" kills (SIGKILL) at that write point; "<point>:sleep=<s>" waits there
+# tests only: "<point>" kills (SIGKILL) at that write point; "<point>#<n>" only the n-th time this process
+# reaches it (a later job of a sweep); "<point>:sleep=<s>" waits there
 FAULT_ENV = "FTLAB_FAULT"
+_reached: dict[str, int] = {}  # write point -> times this process reached it (only counted under FTLAB_FAULT)
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -43,9 +47,11 @@ def fault_point(name: str, tmp: Path | None = None) -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
+    _reached[name] = _reached.get(name, 0) + 1
     for item in spec.split(","):
         point, _, action = item.partition(":")
-        if point != name:
+        point, _, nth = point.partition("#")
+        if point != name or (nth and int(nth) != _reached[name]):
             continue
         if action.startswith("sleep="):
             time.sleep(float(action.split("=", 1)[1]))
@@ -74,6 +80,28 @@ def atomic_write(path: Path, write: Callable[[Path], Any], point: str | None = N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(path: Path, text: str, point: str | None = None) -> None:
+    """``path.write_text(text)``, atomically (:func:`atomic_write`)."""
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text), point=point)
+
+
+def write_json(path: Path, record: Any, point: str | None = None) -> None:
+    """``record`` as indented JSON (one trailing newline), atomically."""
+    write_text(path, json.dumps(record, indent=2) + "\n", point=point)
+
+
+def write_frame(path: Path, frame: Any, **to_csv: Any) -> None:
+    """A pandas DataFrame as CSV (``DataFrame.to_csv`` arguments), atomically."""
+    atomic_write(Path(path), lambda tmp: frame.to_csv(tmp, **to_csv))
+
+
+def save_figure(fig: Any, path: Path, **savefig: Any) -> None:
+    """A matplotlib figure, atomically; the format comes from ``path``'s suffix (the temporary name has none)."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **savefig))
 
 
 def _unreadable(path: Path, what: str, err: BaseException) -> None:
