@@ -287,6 +287,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._tokenizer: Any = None
+        # split -> (texts, pairs) in dataset order: raw_inputs()
+        self._raw: dict[str, tuple[list[str], list[str] | None]] = {}
 
     @property
     def tokenizer(self) -> Any:
@@ -319,6 +321,12 @@ class TextClassificationDataModule(ClassificationDataModule):
                 item["pair"] = pairs[i]
             items.append(item)
         return items
+
+    def raw_inputs(self, split: str) -> tuple[list[str], list[str] | None]:
+        """The raw texts (and second texts of pairs) of ``split`` in its dataset's order (text attacks perturb them
+        and :meth:`encode` them again: ``ftlab.robustness``)."""
+        self.setup("fit")
+        return self._raw[split]
 
     def _split(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
@@ -391,6 +399,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             pairs = frame[pair_column].astype(str).tolist() if pair_column else None
             arrays = tokenize_cached(tokenizer, texts, pairs, self.max_length, self.cache_dir)
             self.datasets[split] = TokenizedText(arrays, labels)
+            self._raw[split] = (texts, pairs)
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info(
             "Text data %s: %s; %d classes.", self.source_args["source"], sizes, self.label_map.num_classes
