@@ -150,7 +150,9 @@ def _resume_sweep_argv(argv: list[str], value: str) -> list[str]:
         )
     rest = [a for a in argv if not a.startswith("resume=")]
     check_sweep_choices(sweep_dir, sweep_dir / MULTIRUN_FILE, rest)
-    return [*rest, f"hydra.sweep.dir={sweep_dir}", "resume=true"]
+    # -m first: Hydra's parser takes one run of overrides, so "a=1 -m b=2" (resume= added after -m) is refused
+    flags = [a for a in rest if a in ("-m", "--multirun")]
+    return [*flags, *(a for a in rest if a not in flags), f"hydra.sweep.dir={sweep_dir}", "resume=true"]
 
 
 def _plain(value: Any) -> Any:
