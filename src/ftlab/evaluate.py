@@ -1,6 +1,7 @@
 """``ftlab-eval``: score a run's checkpoint on a split of its data (or of another data config).
 
     ftlab-eval run=<run folder> [split=test|validation|train] [ckpt=<file>] [data=<name> ... | +data.<key>=...]
+    ftlab-eval run=<run folder> attack=pgd attack.epsilon=[0.05,0.1]     # clean vs attacked (ftlab.robustness)
 
 Writes ``metrics.json`` and the task's report into ``<run>/eval/<split>/`` (classification: accuracy, macro/micro
 F1, macro precision/recall, loss, ``per_class.csv``, ``confusion_matrix.csv`` and ``.png``; other tasks: see
@@ -45,6 +46,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     data = user_data(cfg)
     datamodule = rebuild.datamodule_for(run, data)
+    if cfg.get("attack") is not None:  # clean vs attacked metrics: <run>/eval/<split>_attack_<name>/
+        from ftlab.robustness import evaluate_attack
+
+        return evaluate_attack(cfg, run, datamodule, device)
     module = run.module.to(device)
     default_dir = run.run_dir / "eval" / (cfg.split if data is None else f"other_data_{cfg.split}")
     out = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else default_dir
