@@ -33,7 +33,8 @@ def _inner_model(backbone: nn.Module) -> nn.Module:
 
 def default_targets(model: nn.Module, method: str) -> list[str] | None:
     """``None`` for HF models (peft's per-architecture defaults: query/value for BERT-style LoRA, key/value/FFN
-    output for IA3); for other networks the names of all conv and linear layers."""
+    output for IA3; a backbone's ``lora_targets`` come first, e.g. every Llama projection); for other networks
+    the names of all conv and linear layers."""
     if getattr(getattr(model, "config", None), "model_type", None):
         return None
     names = [name for name, m in model.named_modules() if isinstance(m, CNN_TARGETS) and name]
@@ -78,12 +79,13 @@ class PeftAdapter:
             feedforward_modules if isinstance(feedforward_modules, str | None) else list(feedforward_modules)
         )
 
-    def config(self, model: nn.Module) -> Any:
+    def config(self, model: nn.Module, preset: list[str] | None = None) -> Any:
+        """The peft config; ``preset``: the backbone's own LoRA targets (``lora_targets``), used when none are set."""
         import peft
 
-        targets = (
-            self.target_modules if self.target_modules is not None else default_targets(model, self.method)
-        )
+        targets = self.target_modules if self.target_modules is not None else preset
+        if targets is None:
+            targets = default_targets(model, self.method)
         if self.method == "lora":
             return peft.LoraConfig(
                 r=self.r,
@@ -102,7 +104,8 @@ class PeftAdapter:
 
         model = _inner_model(backbone)
         try:
-            backbone.model = peft.get_peft_model(model, self.config(model))
+            preset = getattr(backbone, "lora_targets", None) if self.method == "lora" else None
+            backbone.model = peft.get_peft_model(model, self.config(model, preset))
         except ValueError as err:  # peft's message names the missing target modules or the unsupported layer
             raise ConfigError(
                 f"finetune.peft ({self.method}) cannot be applied to {type(model).__name__}: {err}"
