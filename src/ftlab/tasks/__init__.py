@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
+from ftlab.tasks.causal_lm import CausalLMTask, GenerativeTask
 from ftlab.tasks.classification import ClassificationTask, RegressionTask
 from ftlab.tasks.multilabel import MultiLabelTask
 from ftlab.tasks.token import TokenClassificationTask
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
     RegressionTask.name: RegressionTask,
     MultiLabelTask.name: MultiLabelTask,
     TokenClassificationTask.name: TokenClassificationTask,
+    CausalLMTask.name: CausalLMTask,
 }
 
 
@@ -61,8 +63,10 @@ def build_task(
 __all__ = [
     "IGNORE_INDEX",
     "TASKS",
+    "CausalLMTask",
     "ClassificationTask",
     "Evaluator",
+    "GenerativeTask",
     "MultiLabelTask",
     "RegressionTask",
     "Task",
