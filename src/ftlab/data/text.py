@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ftlab.augment.seeding import tag_epochs
+from ftlab.augment.text import AugmentedText, TextAugment
 from ftlab.data.base import ClassificationDataModule
 from ftlab.data.folds import group_values
 from ftlab.data.imbalance import check_class_fraction, check_sampler, cut_classes
@@ -208,6 +210,8 @@ class TextClassificationDataModule(ClassificationDataModule):
             the buckets; :class:`~ftlab.data.imbalance.BalancedClassSampler`).
         class_fraction: keep this share of the named classes of the source's training table, e.g.
             ``{rotten: 0.1}``, before validation/test are held out of it (an imbalanced set; seeded).
+        text_augment: training-time EDA / character noise, e.g. ``{ops: [eda], n_aug: 1}``
+            (:class:`~ftlab.augment.text.TextAugment`); ``null``: none.
     """
 
     def __init__(
@@ -246,8 +250,10 @@ class TextClassificationDataModule(ClassificationDataModule):
         class_fraction: dict[str, float] | None = None,
         label_columns: list[str] | None = None,
         label_separator: str = "|",
+        text_augment: dict[str, Any] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
+        self.text_augment = TextAugment.from_config(text_augment)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
         check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
@@ -304,6 +310,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         return self.collate
 
     def feature_cache_blocker(self) -> str | None:
+        if self.text_augment is not None:
+            return "data.text_augment changes the training texts every epoch"
         return None  # tokenized once: the same ids every epoch
 
     def encode(self, inputs: list[Any], pairs: list[str] | None = None) -> list[dict[str, Any]]:
@@ -399,6 +407,17 @@ class TextClassificationDataModule(ClassificationDataModule):
             pairs = frame[pair_column].astype(str).tolist() if pair_column else None
             arrays = tokenize_cached(tokenizer, texts, pairs, self.max_length, self.cache_dir)
             self.datasets[split] = TokenizedText(arrays, labels)
+            if split == "train" and self.text_augment is not None:
+                # clean ids from the cache; augmented copies tokenized when read (ftlab.augment.text)
+                self.datasets[split] = AugmentedText(
+                    self.datasets[split],
+                    texts,
+                    pairs,
+                    tokenizer,
+                    self.max_length,
+                    self.text_augment,
+                    self.seed,
+                )
             self._raw[split] = (texts, pairs)
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info(
@@ -415,6 +434,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         return PadCollator(collate.pad_id, collate.width, multiple, collate.cap)
 
     def train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
+        sampler = self._order(dataset)
+        # augmented copies are drawn from (seed, epoch, index): the indices carry the epoch (ftlab.augment.seeding)
+        return tag_epochs(sampler, len(dataset)) if isinstance(dataset, AugmentedText) else sampler
+
+    def _order(self, dataset: TokenizedText) -> Sampler[int]:
         if not self.bucketing or self.sampler != "none":
             return super().train_sampler(dataset)
         trainer, epoch = self.trainer, self._epoch()
