@@ -23,7 +23,7 @@ from ftlab.finetuning.policy import FinetunePolicy
 from ftlab.models.adversarial import Adversary
 from ftlab.models.backbones.contract import SplittableBackbone, TokenBackbone
 from ftlab.models.clipping import clip_in_fused_step, fused_clipping_applies
-from ftlab.tasks import ClassificationTask, RegressionTask, Task
+from ftlab.tasks import ClassificationTask, GenerativeTask, RegressionTask, Task
 from ftlab.utils.errors import ConfigError
 
 STAGES = ("train", "val", "test")
@@ -201,9 +201,13 @@ class FinetuneModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
+        if isinstance(self.task, GenerativeTask):  # generated text scored against the references (causal_lm)
+            self.task.generation_step(self, batch, self.metrics["val_metrics"])
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
+        if isinstance(self.task, GenerativeTask):
+            self.task.generation_step(self, batch, self.metrics["test_metrics"])
 
     def _log_epoch_metrics(self, stage: str) -> None:
         values = self.metrics[f"{stage}_metrics"].compute()
