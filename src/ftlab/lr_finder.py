@@ -64,6 +64,10 @@ def _search(
 
     steps = int(options.get("num_training", 100))
     module.lr_search = True
+    # Lightning's search stops at the trainer's max_epochs too: a small set would end it after one epoch's steps
+    # (every epoch has at least one step, so `steps` epochs are enough; the finder replaces the schedule)
+    max_epochs = trainer.fit_loop.max_epochs
+    trainer.fit_loop.max_epochs = max(steps, max_epochs if max_epochs is not None and max_epochs > 0 else 1)
     try:
         finder = Tuner(trainer).lr_find(
             module,
@@ -76,6 +80,7 @@ def _search(
         )
     finally:
         module.lr_search = False
+        trainer.fit_loop.max_epochs = max_epochs
     if finder is None:  # fast_dev_run: Lightning skips the search
         return None
     suggestion = finder.suggestion()

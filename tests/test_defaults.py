@@ -1,0 +1,99 @@
+"""Defaults that follow the model (issue #20): per-family optimizer presets and the learning-rate search."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import compose_cfg, tiny_text_overrides
+
+from ftlab.lr_finder import CURVE_FILE, PLOT_FILE, tuned_lr
+from ftlab.train import train
+
+
+@pytest.mark.parametrize(
+    ("model", "lr", "weight_decay", "warmup"),
+    [("minilm", 1e-4, 0.01, 0.1), ("bert", 5e-5, 0.01, 0.1), ("resnet18", 1e-3, 1e-4, 0.05)],
+)
+def test_each_family_brings_its_optimizer_settings(model, lr, weight_decay, warmup):
+    cfg = compose_cfg([f"model={model}"])
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.scheduler.warmup) == (lr, weight_decay, warmup)
+
+
+def test_a_set_value_beats_the_family_preset():
+    cfg = compose_cfg(["model=resnet18", "optimizer.lr=0.05", "scheduler=cosine", "scheduler.warmup=0.2"])
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay, cfg.scheduler.warmup) == (0.05, 1e-4, 0.2)
+    # SGD keeps its own learning rate: the family presets are AdamW's
+    assert compose_cfg(["model=resnet18", "optimizer=sgd"]).optimizer.lr == 0.01
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that records, at every step, the learning rate each named group was updated with."""
+
+    seen: list[dict[str, float]] = []
+
+    def step(self, closure=None):  # type: ignore[override]
+        loss = super().step(closure)  # Lightning's closure (forward, backward, module hooks) runs inside
+        RecordingAdamW.seen.append({g["name"]: g["lr"] for g in self.param_groups})
+        return loss
+
+
+def test_lr_search_keeps_the_policy_multipliers_and_trains_with_its_suggestion(reviews_csv, tmp_path):
+    overrides = [
+        *tiny_text_overrides(reviews_csv, tmp_path),
+        "finetune=llrd",
+        "finetune.lr_decay=0.5",
+        "trainer.max_epochs=1",
+        "tune.lr=true",
+        "tune.num_training=30",
+        "tune.max_lr=0.1",
+        "tune.early_stop_threshold=null",
+        "callbacks=no_early_stopping",
+    ]
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    RecordingAdamW.seen = []
+    from ftlab.runs import rebuild
+
+    original = rebuild.build_module
+
+    def build(*args, **kwargs):
+        module = original(*args, **kwargs)
+        module.optimizer_factory = partial(RecordingAdamW, **module.optimizer_factory.keywords)
+        return module
+
+    rebuild_patch = pytest.MonkeyPatch()
+    rebuild_patch.setattr("ftlab.train.build_module", build)
+    try:
+        metrics = train(cfg)
+    finally:
+        rebuild_patch.undo()
+    record = json.loads((tmp_path / "run" / CURVE_FILE).read_text())
+    assert (tmp_path / "run" / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert len(record["lr"]) == len(record["loss"]) == 30
+    assert record["lr"] == sorted(record["lr"])  # the range test raises the learning rate step by step
+    assert metrics["optimizer/lr"] == pytest.approx(record["suggestion"])
+    search = RecordingAdamW.seen[: len(record["lr"])]
+    # during the search the head (scale 1) and the embeddings (0.5 ** distance) keep their ratio
+    head, embeddings = "head", "embeddings"
+    ratios = {round(step[embeddings] / step[head], 6) for step in search}
+    assert len(ratios) == 1 and 0 < ratios.pop() < 0.2, search[:2]
+    assert search[-1][head] > 10 * search[0][head]
+    # the training after it starts from the suggestion (warmup from 0: the first step's lr is below it)
+    training = RecordingAdamW.seen[len(record["lr"]) :]
+    assert training and max(step[head] for step in training) == pytest.approx(record["suggestion"], rel=1e-6)
+
+
+def test_a_resumed_run_reuses_its_search(tmp_path: Path):
+    (tmp_path / CURVE_FILE).write_text(json.dumps({"suggestion": 0.0123, "lr": [], "loss": []}))
+
+    class Module:
+        optimizer_factory = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.01)
+
+    module = Module()
+    cfg = compose_cfg(["tune.lr=true"])
+    lr = tuned_lr(cfg, trainer=None, module=module, datamodule=None, output_dir=tmp_path, resumed=True)  # type: ignore[arg-type]
+    assert lr == 0.0123
+    assert module.optimizer_factory.keywords == {"lr": 0.0123, "weight_decay": 0.01}
