@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.checks.check import required_problems
 from ftlab.finetuning.feature_cache import maybe_cache_features
+from ftlab.finetuning.sharding import full_state_dict
 from ftlab.lr_finder import tuned_lr
 from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
@@ -129,9 +130,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         module.task.write_files(output_dir)  # e.g. the best checkpoint's multi-label thresholds
     # test() loaded the best checkpoint's weights: save the backbone alone (for transfer) from them
-    if cfg.save_backbone and trainer.is_global_zero:
-        state = module.backbone.state_dict()
-        atomic_write(output_dir / folder.BACKBONE_FILE, lambda tmp: torch.save(state, tmp), point="backbone")
+    if cfg.save_backbone:  # under FSDP every rank takes part in gathering the shards
+        whole = full_state_dict(trainer.strategy, module)
+        state = {k.removeprefix("backbone."): v for k, v in whole.items() if k.startswith("backbone.")}
+        if trainer.is_global_zero:
+            atomic_write(
+                output_dir / folder.BACKBONE_FILE, lambda tmp: torch.save(state, tmp), point="backbone"
+            )
     if backbone.loaded_checkpoint:
         metrics["backbone_checkpoint"] = backbone.loaded_checkpoint
     metrics.update(best_record, monitor=cfg.monitor)

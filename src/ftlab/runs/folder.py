@@ -43,7 +43,8 @@ def conf_path() -> Path:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint file (Lightning ``.ckpt`` or a plain state dict) as plain data, with ``weights_only=True``.
+    """A checkpoint file (Lightning ``.ckpt`` or a plain state dict) or an FSDP sharded checkpoint folder as plain
+    data, with ``weights_only=True``.
 
     The one checkpoint reader of ftlab: rebuilding a run, resuming it and transferring a backbone all read through
     it, so a model file from elsewhere never runs pickled code.
@@ -53,6 +54,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     try:
+        if path.is_dir():  # an FSDP sharded checkpoint: its shards consolidated in this process
+            from ftlab.finetuning.sharding import read_sharded_checkpoint
+
+            return read_sharded_checkpoint(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ModelLoadError(
@@ -83,7 +88,8 @@ def resume_checkpoint(run_dir: Path) -> Path | None:
     import logging
     import pickle
 
-    candidates = [run_dir / name for name in (LAST_CKPT, BEST_CKPT) if (run_dir / name).is_file()]
+    # exists(), not is_file(): an FSDP sharded checkpoint is a folder
+    candidates = [run_dir / name for name in (LAST_CKPT, BEST_CKPT) if (run_dir / name).exists()]
     if not candidates:  # killed before its first checkpoint: nothing is lost by starting again
         logging.getLogger(__name__).warning("resume=%s: no checkpoint yet; the run starts again.", run_dir)
         return None

@@ -62,11 +62,11 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = None) -> Path:
     """``ckpt`` if given, else the run's ``best.ckpt``, else its ``last.ckpt``."""
     if ckpt:
         path = Path(ckpt).expanduser()
-        if not path.is_file():
+        if not path.exists():  # a file, or an FSDP sharded checkpoint's folder
             raise DataFileError(f"ckpt={ckpt}: no such checkpoint file.")
         return path.resolve()
     for name in (folder.BEST_CKPT, folder.LAST_CKPT):
-        if (run_dir / name).is_file():
+        if (run_dir / name).exists():
             return run_dir / name
     raise DataFileError(
         f"{run_dir} has neither {folder.BEST_CKPT} nor {folder.LAST_CKPT}; give a checkpoint with ckpt=<file>."
