@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ftlab.robustness.attacks import Attack, Outputs
-from ftlab.runs import rebuild
+from ftlab.runs import folder, rebuild
 from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import atomic_write
 
@@ -28,7 +29,13 @@ LOADERS = {"train": "train_dataloader", "validation": "val_dataloader", "test": 
 
 def build_attack(node: DictConfig) -> Attack:
     """The attack of ``cfg.attack`` (``conf/attack/<name>.yaml``)."""
-    attack = instantiate(node, _convert_="all")
+    try:
+        attack = instantiate(node, _convert_="all")
+    except InstantiationException as err:  # a constructor's ConfigError surfaces as itself
+        user = folder.user_error(err)
+        if user is None:
+            raise
+        raise user from None
     if not isinstance(attack, Attack):
         raise ConfigError(
             f"attack._target_={node.get('_target_')} builds a {type(attack).__name__}, not an ftlab.robustness "
