@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 
 def example_rng(seed: int, epoch: int, index: int, stream: str = "") -> random.Random:
@@ -77,3 +77,22 @@ def tag_epochs(sampler: Any, size: int) -> EpochTagged:
     if isinstance(sampler, DistributedSampler):
         return EpochTaggedDistributed(sampler, size)
     return EpochTagged(sampler, size)
+
+
+class EpochIndexed(Dataset):
+    """``dataset`` read with tagged indices; each item also carries its ``epoch`` and ``index`` (for a collator
+    that draws per batch, :class:`~ftlab.augment.mix.MixCollator`)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    @property
+    def labels(self) -> Any:  # class counts and the balanced sampler read them
+        return self.dataset.labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, tagged: int) -> dict[str, Any]:
+        epoch, index = untag(tagged, len(self.dataset))
+        return {**self.dataset[index], "epoch": epoch, "index": index}

@@ -11,6 +11,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from ftlab.augment.mix import Mix, MixCollator
+from ftlab.augment.seeding import EpochIndexed, tag_epochs
 from ftlab.data.base import ClassificationDataModule
 from ftlab.data.image_files import read_image
 from ftlab.data.image_sources import (
@@ -158,6 +160,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         folds, fold: k-fold cross-validation (:mod:`ftlab.data.folds`): fold ``fold`` of ``folds`` validates.
         sampler: ``none`` (seeded shuffle) or ``balanced`` (classes drawn equally; ``ftlab.data.imbalance``).
         class_fraction: keep this share of the named classes of the source's training split, e.g. ``{"3": 0.1}``.
+        mix: MixUp / CutMix on training batches, e.g. ``{mode: mixup, alpha: 1.0}`` (:class:`~ftlab.augment.mix.Mix`;
+            soft targets); ``null``: none. Applies after ``augment``.
     """
 
     modality = "image"
@@ -196,8 +200,10 @@ class ImageClassificationDataModule(ClassificationDataModule):
         label_column: str = "label",
         label_columns: list[str] | None = None,
         label_separator: str = "|",
+        mix: dict[str, Any] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
+        self.mix = Mix.from_config(mix, task)
         sources = {
             "classification": (*IMAGE_SOURCES, "image_table"),
             "multilabel": (*MULTILABEL_IMAGES, "image_table"),
@@ -245,6 +251,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.collate = ImageCollator()
 
     def feature_cache_blocker(self) -> str | None:
+        if self.mix is not None:
+            return f"data.mix={self.mix.mode} blends the training images every batch"
         if self.augment != "none":
             return f"data.augment={self.augment} changes the frozen layers' input every epoch"
         return None
@@ -305,5 +313,19 @@ class ImageClassificationDataModule(ClassificationDataModule):
             ids = self.label_map.encode(labels.tolist(), split, "the class names")
             transform = build_transform(self.preprocessing, self.augment, train=split == "train")
             self.datasets[split] = ImageDataset(images, ids, transform)
+            if (
+                split == "train" and self.mix is not None
+            ):  # items carry (epoch, index): MixCollator seeds from them
+                self.datasets[split] = EpochIndexed(self.datasets[split])
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info("Image data %s: %s; %d classes.", self.source, sizes, self.label_map.num_classes)
+
+    def train_sampler(self, dataset: Dataset) -> Any:
+        sampler = super().train_sampler(dataset)
+        return tag_epochs(sampler, len(dataset)) if isinstance(dataset, EpochIndexed) else sampler  # type: ignore[arg-type]
+
+    def collator(self, cuda: bool | None = None) -> Any:
+        """Stacks items; with ``mix``, training batches are mixed (:class:`~ftlab.augment.mix.MixCollator`)."""
+        if self.mix is None:
+            return self.collate
+        return MixCollator(self.collate, self.mix, self.num_classes, self.seed)

@@ -87,9 +87,17 @@ class ClassificationTask(Task):
         return {"loss": self.loss_name, "class_weights": self.weighting}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Class ids (B,), or class probabilities (B, C) (MixUp/CutMix soft targets: ``ftlab.augment.mix``)."""
         weight = self.class_weights if self.weighting is not None else None
-        if self.loss_name == "cross_entropy":
-            return F.cross_entropy(logits, labels, weight=weight, label_smoothing=self.label_smoothing)
+        smoothing = self.label_smoothing
+        if self.loss_name == "cross_entropy" and weight is not None and labels.is_floating_point():
+            # torch averages weighted soft targets over the batch; divide by the weights, as for class ids
+            per_example = F.cross_entropy(logits, labels, weight, label_smoothing=smoothing, reduction="none")
+            return per_example.sum() / (labels @ weight).sum()
+        if self.loss_name == "cross_entropy":  # takes ids or probabilities
+            return F.cross_entropy(logits, labels, weight=weight, label_smoothing=smoothing)
+        if labels.is_floating_point():
+            return self._soft_focal(logits, labels, weight)
         log_p = F.log_softmax(logits.float(), -1)
         ce = F.nll_loss(log_p, labels, reduction="none")  # (B,) unweighted: p_t below is the true class's
         p_t = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1).exp()
@@ -97,6 +105,18 @@ class ClassificationTask(Task):
         if weight is None:
             return focal.mean()
         w = weight[labels]
+        return (w * focal).sum() / w.sum()
+
+    def _soft_focal(
+        self, logits: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Focal loss with probability targets: ``sum_c y_c (1 - p_c)^gamma (-log p_c)``; equals the hard-label
+        loss for one-hot rows (a class weight: the target-weighted mean of the classes' weights)."""
+        log_p = F.log_softmax(logits.float(), -1)
+        focal = -(probs * (1 - log_p.exp()) ** self.focal_gamma * log_p).sum(-1)  # (B,)
+        if weight is None:
+            return focal.mean()
+        w = probs @ weight
         return (w * focal).sum() / w.sum()
 
     def metrics(self) -> torchmetrics.MetricCollection:
@@ -113,6 +133,8 @@ class ClassificationTask(Task):
         )
 
     def update_metrics(self, metrics: Any, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if labels.is_floating_point():  # soft targets (MixUp/CutMix): scored against the dominant class
+            labels = labels.argmax(-1)
         metrics.update(logits.argmax(-1), labels)
 
     def hard(self, logits: torch.Tensor) -> torch.Tensor:
