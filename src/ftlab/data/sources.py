@@ -27,12 +27,20 @@ def _rotten_tomatoes() -> pd.DataFrame:
     return pd.DataFrame({"text": frame["text"].to_numpy(), "label": frame["category"].to_numpy()})
 
 
+def _rotten_tomatoes_texts() -> pd.DataFrame:
+    # every text of the corpus for masked-LM adaptation: reviews and the unlabelled plot summaries (13,905 rows;
+    # empty and duplicate texts dropped, so no text is in two splits)
+    frame = pd.read_csv(assets.embedded_path("rotten_tomatoes")).dropna(subset=["text"])
+    return pd.DataFrame({"text": frame["text"].drop_duplicates().to_numpy()})
+
+
 def _debates_2016() -> pd.DataFrame:
     frame = pd.read_csv(assets.embedded_path("debates_2016"))
     return pd.DataFrame({"text": frame["statement"].to_numpy(), "label": frame["party"].to_numpy()})
 
 
 EMBEDDED_TEXT = {"rotten_tomatoes": _rotten_tomatoes, "debates_2016": _debates_2016}
+UNLABELLED_TEXT = {"rotten_tomatoes": _rotten_tomatoes_texts}  # sources with more text than labelled examples
 
 
 def file_format(path: Path) -> str:
@@ -121,8 +129,12 @@ def load_text_source(
     hub_config: str | None = None,
     hub_splits: dict[str, str] | None = None,
     cache_dir: str | None = None,
+    unlabelled: bool = False,
 ) -> dict[str, pd.DataFrame]:
-    """Load the tables of a text source: an embedded name, ``files`` or ``hf_hub``."""
+    """Load the tables of a text source: an embedded name, ``files`` or ``hf_hub``. ``unlabelled``: every text
+    of an embedded corpus, unlabelled ones included (masked-LM adaptation)."""
+    if unlabelled and source in UNLABELLED_TEXT:
+        return {"train": UNLABELLED_TEXT[source]()}
     if source in EMBEDDED_TEXT:
         return {"train": EMBEDDED_TEXT[source]()}
     if source == "files":

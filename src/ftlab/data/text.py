@@ -212,7 +212,17 @@ class TextClassificationDataModule(ClassificationDataModule):
             ``{rotten: 0.1}``, before validation/test are held out of it (an imbalanced set; seeded).
         text_augment: training-time EDA / character noise, e.g. ``{ops: [eda], n_aug: 1}``
             (:class:`~ftlab.augment.text.TextAugment`); ``null``: none.
+        masking: ``task=masked_lm`` only: unlabelled text, masked per example; the module built is then a
+            :class:`~ftlab.data.masking.MaskedTextDataModule` (see there for the masking options).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # data.task=masked_lm: every text source serves masked-LM adaptation, unlabelled (ftlab.data.masking)
+        if cls is TextClassificationDataModule and kwargs.get("task") == "masked_lm":
+            from ftlab.data.masking import MaskedTextDataModule
+
+            cls = MaskedTextDataModule
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -251,8 +261,11 @@ class TextClassificationDataModule(ClassificationDataModule):
         label_columns: list[str] | None = None,
         label_separator: str = "|",
         text_augment: dict[str, Any] | None = None,
+        masking: dict[str, Any] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
+        if masking is not None:
+            raise ConfigError(f"data.masking applies to data.task=masked_lm only (data.task={task}).")
         self.text_augment = TextAugment.from_config(text_augment)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")

@@ -94,7 +94,10 @@ def build_module(
     the_task = build_task(
         task or cfg.data.get("task", "classification"), num_classes, label_names, options, class_counts
     )
-    head = make(cfg.model.head, in_features=backbone.out_features, num_classes=the_task.num_outputs)
+    head = the_task.make_head(
+        backbone,
+        lambda: make(cfg.model.head, in_features=backbone.out_features, num_classes=the_task.num_outputs),
+    )
     return FinetuneModule(
         backbone,
         head,

@@ -8,6 +8,7 @@ from typing import Any
 from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
 from ftlab.tasks.causal_lm import CausalLMTask, GenerativeTask
 from ftlab.tasks.classification import ClassificationTask, RegressionTask
+from ftlab.tasks.masked_lm import MaskedLMTask
 from ftlab.tasks.multilabel import MultiLabelTask
 from ftlab.tasks.token import TokenClassificationTask
 from ftlab.utils.errors import ConfigError
@@ -19,6 +20,7 @@ TASKS: dict[str, type[Task]] = {
     MultiLabelTask.name: MultiLabelTask,
     TokenClassificationTask.name: TokenClassificationTask,
     CausalLMTask.name: CausalLMTask,
+    MaskedLMTask.name: MaskedLMTask,
 }
 
 
@@ -67,6 +69,7 @@ __all__ = [
     "ClassificationTask",
     "Evaluator",
     "GenerativeTask",
+    "MaskedLMTask",
     "MultiLabelTask",
     "RegressionTask",
     "Task",

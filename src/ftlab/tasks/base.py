@@ -19,7 +19,7 @@ task                          labels                 head output (``logits``)   
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,6 +52,11 @@ class Task(nn.Module):
     def num_outputs(self) -> int:
         """The head's output size."""
         return self.num_labels
+
+    def make_head(self, backbone: nn.Module, configured: Callable[[], nn.Module]) -> nn.Module:
+        """The head: ``configured()`` builds ``model.head``; a task whose head comes from the backbone (the
+        masked-LM decoder tied to the word embeddings) builds its own."""
+        return configured()
 
     def shape_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's raw output in the task's logits shape (regression drops the last axis)."""

@@ -15,6 +15,7 @@ from ftlab.utils.errors import ConfigError, DataFileError
 log = logging.getLogger(__name__)
 
 PREFIX = "backbone."
+PEFT_MARK = "base_model.model."  # keys of a backbone whose network peft wrapped (finetune=lora / ia3)
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
@@ -44,6 +45,49 @@ def backbone_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if any(k.startswith(PREFIX) for k in state):
         state = {k[len(PREFIX) :]: v for k, v in state.items() if k.startswith(PREFIX)}
     return state
+
+
+def source_run(path: Path) -> Path | None:
+    """The ftlab run folder a checkpoint file belongs to (``<run>/backbone.pt``, ``<run>/checkpoints/*.ckpt``)."""
+    for run in (path.parent, path.parent.parent):
+        if (run / folder.CONFIG_FILE).is_file():
+            return run
+    return None
+
+
+def source_model(path: Path) -> str:
+    """The ``model.backbone`` config of the run that wrote ``path``, in one line (empty when unknown)."""
+    run = source_run(path)
+    if run is None:
+        return ""
+    from omegaconf import OmegaConf
+
+    try:
+        node = OmegaConf.load(run / folder.CONFIG_FILE).model.backbone
+        shown = OmegaConf.to_container(node, resolve=False)
+    except Exception:  # an unreadable record only loses the hint; the mismatch itself is reported
+        return ""
+    keys = ("_target_", "name_or_path", "arch", "name", "config_overrides", "pooling")
+    return ". It was written by a run with model.backbone = " + str(
+        {k: v for k, v in shown.items() if k in keys}  # type: ignore[union-attr]
+    )
+
+
+def merged_peft_state(path: Path, checkpoint: str) -> dict[str, torch.Tensor]:
+    """The backbone of a peft run (LoRA / IA3) with its adapters merged into the weights: the run is rebuilt from
+    its folder (its finetune config says how the adapters were made) and merged (``merge_and_unload``)."""
+    run = source_run(path)
+    if run is None:
+        raise ConfigError(
+            f"model.backbone.checkpoint={checkpoint!r} holds a peft-wrapped backbone (finetune=lora / ia3) outside "
+            "its run folder, so its adapters cannot be merged; give the run folder itself."
+        )
+    from ftlab.finetuning.adapters import merge_peft
+    from ftlab.runs.rebuild import load_run
+
+    module = merge_peft(load_run(run, path if path.suffix == ".ckpt" else None).module)
+    log.info("Merged the peft adapters of %s into its backbone weights.", run)
+    return module.backbone.state_dict()
 
 
 def group_state_keys(backbone: nn.Module, n: int) -> set[str]:
@@ -76,6 +120,8 @@ def load_backbone_checkpoint(
         return None
     path = resolve_checkpoint(checkpoint)
     state = backbone_state_dict(path)
+    if any(PEFT_MARK in k for k in state) and not any(PEFT_MARK in k for k in backbone.state_dict()):
+        state = merged_peft_state(path, checkpoint)
     expected = backbone.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -85,8 +131,8 @@ def load_backbone_checkpoint(
             f"model.backbone.checkpoint={checkpoint!r} ({path}) does not fit this backbone: "
             f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
             f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}, "
-            f"shape mismatches {wrong_shape[:8]}. Use the same model (and model.backbone settings) as the run "
-            "that saved it."
+            f"shape mismatches {wrong_shape[:8]}{source_model(path)}. Use the same model (and model.backbone "
+            "settings: name_or_path, config_overrides, pooling) as the run that saved it."
         )
     if groups is None:
         backbone.load_state_dict(state, strict=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ftlab.data.text import TextPreprocessing
+from ftlab.models.backbones.checkpoints import load_backbone_checkpoint
 from ftlab.utils import assets
 from ftlab.utils.errors import ConfigError, ModelLoadError
 
@@ -18,6 +20,23 @@ log = logging.getLogger(__name__)
 POOLING = ("cls", "mean", "pooler")
 # Where encoder families keep their stack of blocks, tried in order; the longest ModuleList is the fall-back.
 LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers", "layers", "layer")
+# A checkpoint's masked-LM head, as MaskedLMHead names its tensors: BERT family (cls.predictions.*), RoBERTa family
+MLM_HEAD_KEYS = {
+    "cls.predictions.": {
+        "transform.dense.weight": "dense.weight",
+        "transform.dense.bias": "dense.bias",
+        "transform.LayerNorm.weight": "norm.weight",
+        "transform.LayerNorm.bias": "norm.bias",
+        "bias": "bias",
+    },
+    "lm_head.": {
+        "dense.weight": "dense.weight",
+        "dense.bias": "dense.bias",
+        "layer_norm.weight": "norm.weight",
+        "layer_norm.bias": "norm.bias",
+        "bias": "bias",
+    },
+}
 
 
 def _get(module: Any, path: str) -> Any:
@@ -38,6 +57,9 @@ class HFTextBackbone(nn.Module):
         pretrained: load weights; ``False`` builds the architecture with random weights (tiny test twins).
         config_overrides: changes to the model config (layer count, width, dropout, ...).
         trust_remote_code: passed to transformers; off unless the user turns it on.
+        checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt`` (e.g. a ``task=masked_lm`` run):
+            its backbone weights replace these (weights-only; the architecture must be the same).
+        checkpoint_groups: copy only the bottom n layer groups of ``checkpoint`` (embeddings, layer.0, ...).
     """
 
     def __init__(
@@ -48,6 +70,8 @@ class HFTextBackbone(nn.Module):
         config_overrides: dict[str, Any] | None = None,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        checkpoint: str | None = None,
+        checkpoint_groups: int | None = None,
     ):
         super().__init__()
         if pooling not in POOLING:
@@ -56,6 +80,7 @@ class HFTextBackbone(nn.Module):
 
         self.name_or_path, self.pooling = name_or_path, pooling
         path = assets.resolve(name_or_path)
+        self.weights_from = (path, revision) if pretrained else None  # where a masked-LM head may be found
         try:
             config = AutoConfig.from_pretrained(
                 path, revision=revision, trust_remote_code=trust_remote_code, **(config_overrides or {})
@@ -85,7 +110,7 @@ class HFTextBackbone(nn.Module):
         self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
         limit = getattr(config, "max_position_embeddings", 512) or 512
         self.preprocessing = TextPreprocessing(tokenizer=path, max_length=int(limit))
-        self.loaded_checkpoint: str | None = None  # text backbones load no ftlab transfer checkpoint
+        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint, checkpoint_groups)
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """``embeddings``, ``layer.0`` ... ``layer.{n-1}``, then ``pooler`` if kept; leftovers join the top layer."""
@@ -123,6 +148,33 @@ class HFTextBackbone(nn.Module):
     def input_embeddings(self) -> nn.Module:
         """The word-embedding module (``EmbeddingBackbone``: adversarial training perturbs its output)."""
         return self.model.get_input_embeddings()
+
+    def masked_lm_head(self) -> nn.Module:
+        """BERT's prediction head with its decoder tied to the word embeddings (``data.task=masked_lm``), filled
+        from the pretrained checkpoint's own head (``cls.predictions.*`` / ``lm_head.*``) when it has one; fresh
+        (seeded) otherwise, as for all-MiniLM-L6-v2, whose weights hold no masked-LM head."""
+        from ftlab.models.heads import MaskedLMHead
+
+        config = self.model.config
+        activation = config.hidden_act if isinstance(getattr(config, "hidden_act", None), str) else "gelu"
+        head = MaskedLMHead(
+            self.input_embeddings(),
+            self.out_features,
+            activation,
+            float(getattr(config, "layer_norm_eps", 1e-12)),
+            float(getattr(config, "initializer_range", 0.02)),
+        )
+        state = pretrained_mlm_head(*self.weights_from) if self.weights_from else {}
+        if state:
+            head.load_state_dict(state, strict=True)
+            log.info("Masked-LM head initialised from the checkpoint's own head (%s).", self.name_or_path)
+        else:
+            log.info(
+                "Masked-LM head starts fresh: %s holds no masked-LM head (cls.predictions.* / lm_head.*); its "
+                "decoder is tied to the word embeddings.",
+                self.name_or_path if self.weights_from else "a randomly initialised model",
+            )
+        return head
 
     # --- split at a layer group (the feature cache runs a frozen prefix once, the rest every step) ------------
     def can_split(self) -> bool:
@@ -172,3 +224,50 @@ class HFTextBackbone(nn.Module):
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _weight_files(path: str, revision: str | None) -> list[str]:
+    """The model's weight files (safetensors, sharded or not, else ``pytorch_model.bin``), local or HF-cached."""
+    import json
+
+    from transformers.utils import cached_file
+
+    def find(name: str) -> str | None:
+        try:
+            return cached_file(
+                path,
+                name,
+                revision=revision,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except OSError:
+            return None
+
+    index = find("model.safetensors.index.json")
+    if index:
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        return [f for f in (find(s) for s in shards) if f]
+    return [f for f in (find("model.safetensors") or find("pytorch_model.bin"),) if f]
+
+
+def pretrained_mlm_head(path: str, revision: str | None = None) -> dict[str, torch.Tensor]:
+    """The masked-LM head of a pretrained checkpoint in :class:`~ftlab.models.heads.MaskedLMHead`'s names; ``{}``
+    when the checkpoint has none (or not all of it)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(path, revision):
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(file, framework="pt") as f:
+                tensors.update({k: f.get_tensor(k) for k in f.keys() if k.startswith(tuple(MLM_HEAD_KEYS))})  # noqa: SIM118
+        else:  # weights-only: a checkpoint from elsewhere never runs pickled code
+            state = torch.load(file, map_location="cpu", weights_only=True)
+            tensors.update({k: v for k, v in state.items() if k.startswith(tuple(MLM_HEAD_KEYS))})
+    for prefix, names in MLM_HEAD_KEYS.items():
+        found = {ours: tensors.get(prefix + theirs) for theirs, ours in names.items()}
+        if prefix + "bias" not in tensors:  # some BERT checkpoints keep the bias only as decoder.bias
+            found["bias"] = tensors.get(prefix + "decoder.bias")
+        if all(v is not None for v in found.values()):
+            return {k: v.float() for k, v in found.items() if v is not None}
+    return {}
