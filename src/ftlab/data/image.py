@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -15,6 +15,7 @@ from ftlab.augment.mix import Mix, MixCollator
 from ftlab.augment.seeding import EpochIndexed, tag_epochs
 from ftlab.data.base import ClassificationDataModule
 from ftlab.data.image_files import read_image
+from ftlab.data.image_size import auto_input_size
 from ftlab.data.image_sources import (
     EMBEDDED_IMAGES,
     IMAGE_SOURCES,
@@ -31,7 +32,8 @@ from ftlab.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("none", "basic", "randaugment", "trivialaugment")
+# auto: the safe default, light (a mild random crop: no flips, no strong zoom; digits and text stay readable)
+AUGMENTATIONS = ("none", "auto", "light", "basic", "randaugment", "trivialaugment")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class ImagePreprocessing:
     channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resolved: bool = False  # input_size was chosen for a run's data already (data.input_size: auto): keep it
 
 
 def _to_tensor(image: Any) -> torch.Tensor:
@@ -73,7 +76,9 @@ def build_transform(preprocessing: ImagePreprocessing, augment: str, train: bool
     """uint8 (C, H, W) -> normalised float (channels, size, size); train-time augmentation when ``train``."""
     size = preprocessing.input_size
     steps: list[torch.nn.Module] = [Channels(preprocessing.channels)]
-    if train and augment != "none":
+    if train and augment in ("auto", "light"):
+        steps.append(v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True))
+    elif train and augment != "none":
         steps += [v2.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         if augment == "randaugment":
             steps.append(v2.RandAugment())
@@ -152,8 +157,11 @@ class ImageClassificationDataModule(ClassificationDataModule):
         classes: keep only these classes, re-indexed in this order (e.g. digits 5-9 become ids 0-4).
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
-        augment: train-time augmentation: ``none``, ``basic`` (random resized crop + flip), ``randaugment`` or
-            ``trivialaugment`` (basic plus that policy).
+        augment: train-time augmentation: ``none``, ``auto`` / ``light`` (a mild random crop, 85-100% of the
+            image, no flip: safe for digits and text), ``basic`` (random resized crop 60-100% + horizontal flip),
+            ``randaugment`` or ``trivialaugment`` (basic plus that policy).
+        input_size: ``null`` (the backbone's, ``model.backbone.input_size``), a number, or ``auto``: chosen from
+            the training images' median size (:mod:`ftlab.data.image_size`), saved with the run.
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
         pin_memory: page-locked batches for asynchronous host-to-GPU copies. ``num_workers`` and ``pin_memory``
             ``auto``: workers and pinning on a CUDA device, neither on CPU (``ftlab.utils.devices``).
@@ -201,6 +209,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         label_columns: list[str] | None = None,
         label_separator: str = "|",
         mix: dict[str, Any] | None = None,
+        input_size: int | str | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         self.mix = Mix.from_config(mix, task)
@@ -248,6 +257,14 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
         self._set_folds(folds, fold, None)
         self.augment = augment
+        if not (
+            input_size is None or input_size == "auto" or (isinstance(input_size, int) and input_size > 0)
+        ):
+            raise ConfigError(
+                f"data.input_size={input_size!r}: give a positive number of pixels (the square side), auto (from "
+                "the training images' size) or null (the backbone's model.backbone.input_size)."
+            )
+        self.input_size = input_size
         self.collate = ImageCollator()
 
     def feature_cache_blocker(self) -> str | None:
@@ -302,11 +319,23 @@ class ImageClassificationDataModule(ClassificationDataModule):
         indices = self._split_indices(labels if self.task != "multilabel" else np.zeros(len(labels)), missing)
         return {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
 
+    def _choose_input_size(self, train_images: Any) -> None:
+        """Apply ``data.input_size`` (a rebuilt run's preprocessing already holds the size it trained with)."""
+        if self.input_size is None or self.preprocessing.resolved:
+            return
+        native = self.preprocessing.input_size
+        size = auto_input_size(train_images, native) if self.input_size == "auto" else int(self.input_size)
+        self.preprocessing = replace(self.preprocessing, input_size=size, resolved=True)
+        log.info(
+            "data.input_size=%s: images are fed at %d px (the backbone's: %d).", self.input_size, size, native
+        )
+
     def setup(self, stage: str | None = None) -> None:
         if self.label_map is not None:
             return
         splits = {split: self._keep(split, *pair) for split, pair in self._load().items()}
         splits = self._split(splits)
+        self._choose_input_size(splits["train"][0])
         self.label_map = LabelMap.from_train(splits["train"][1].tolist(), self.task, self.keep_classes)
         for split in SPLITS:
             images, labels = splits[split]
