@@ -66,6 +66,8 @@ class FinetuneModule(pl.LightningModule):
                 "num_classes": task.num_labels,
                 "label_names": task.label_names,
                 "task_options": dict(task_options or {}),
+                # an image run's input size, which data.input_size=auto may have chosen from its data
+                "input_size": getattr(getattr(backbone, "preprocessing", None), "input_size", None),
                 **task.hparams(),
             }
         )

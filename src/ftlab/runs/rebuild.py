@@ -153,12 +153,23 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
             "state_dict)."
         )
     backbone = instantiate(offline_backbone_config(cfg))
+    _restore_input_size(backbone, hparams.get("input_size"))
     # checkpoints written before the Task interface have no "task": one output was regression
     task = hparams.get("task") or ("regression" if int(hparams["num_classes"]) == 1 else "classification")
     module = build_module(cfg, backbone, int(hparams["num_classes"]), hparams.get("label_names"), task=task)
     load_state(module, checkpoint["state_dict"], ckpt_path)
     module.eval()
     return LoadedRun(run_dir, cfg, ckpt_path, module)
+
+
+def _restore_input_size(backbone: Any, size: int | None) -> None:
+    """The image size the run trained with (``data.input_size=auto`` chose it from the data): kept, not re-chosen."""
+    preprocessing = getattr(backbone, "preprocessing", None)
+    if size is None or not hasattr(preprocessing, "resolved"):
+        return
+    from dataclasses import replace
+
+    backbone.preprocessing = replace(preprocessing, input_size=int(size), resolved=True)
 
 
 def datamodule_for(run: LoadedRun, data: DictConfig | None = None, setup: bool = True) -> Any:
