@@ -75,6 +75,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
+    if datamodule.modality == "image":  # data.input_size may have chosen the size from the images
+        backbone.preprocessing = datamodule.preprocessing
     module = build_module(
         cfg,
         cast(Any, backbone),
