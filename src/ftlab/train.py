@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab import search
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.checks.check import required_problems
 from ftlab.finetuning.feature_cache import maybe_cache_features
@@ -99,6 +100,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.backbone.compile()
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
+    pruning = search.pruning(cfg.monitor)  # a job of an Optuna search: report each validation to its trial
+    callbacks += [pruning] if pruning is not None else []
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
     # bf16 where the GPU has it, else fp16 mixed (utils/devices.py)
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
@@ -117,6 +120,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # tune.lr: Lightning's LR search on this module (a resumed run reads its own earlier result)
     tuned_lr(cfg, trainer, module, datamodule, output_dir, resumed=ckpt_path is not None)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)  # tensors only
+    if pruning is not None:
+        pruning.check(trainer)  # a trial pruned in spawned ranks (ddp_spawn) stops here
     best_record = best.record(trainer)  # also from spawned ranks (ddp_spawn)
 
     checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)

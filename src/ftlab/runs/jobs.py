@@ -2,7 +2,8 @@
 
 ``run_job(train, cfg)`` is what the Hydra main calls. What it adds around ``train(cfg)``:
 
-- ``status.json`` in the run folder: ``completed`` (with the objective) or ``failed`` (error, type, traceback).
+- ``status.json`` in the run folder: ``completed`` (with the objective), ``failed`` (error, type, traceback) or,
+  in an Optuna search, ``pruned`` (the validation, epoch and value at which the pruner stopped the trial).
 - In a multirun a failing job returns ``None`` instead of raising, so the other jobs go on; the Optuna sweeper
   records a ``None`` as a failed trial (``hparams_search/optuna.yaml`` sets ``max_failure_rate: 1.0``). A single
   run still raises (exit status non-zero).
@@ -33,6 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ftlab import search
 from ftlab.runs import folder
 from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import atomic_write, disk_errors
@@ -89,6 +91,7 @@ OmegaConf.register_new_resolver("ftlab.run_name", _run_name, replace=True)
 OmegaConf.register_new_resolver(
     "ftlab.direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode], replace=True
 )
+search.register_sweeper()  # hparams_search=optuna's sweeper plugin, also in an editable install
 
 
 def completed_metrics(run_dir: Path, monitor: str) -> dict[str, Any] | None:
@@ -231,6 +234,12 @@ def run_job(train: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig) -> f
     except Preempted as err:
         _stop_preempted(cfg, output_dir, err, threads)
     except Exception as err:
+        pruned = search.pruned(err)  # an Optuna trial stopped by its pruner: recorded, not a failure
+        if pruned is not None:
+            write_status(output_dir, "pruned", **pruned, torch_threads=threads)
+            _finish_wandb(cfg, None, exit_code=0)
+            log.info("trial pruned (%s); record: %s", err, output_dir / folder.STATUS_FILE)
+            return None
         err = folder.user_error(err) or err  # the user error behind Hydra's InstantiationException, if any
         write_status(
             output_dir,

@@ -1,0 +1,129 @@
+"""The study shared by the sweeper and its jobs: storage URLs, the trial budget, heartbeats, a job's own trial.
+
+A job finds its trial through three environment variables the sweeper sets for it (Hydra's
+``hydra.job.env_set``, so they reach a job in this process, a joblib worker or a SLURM job alike):
+``FTLAB_OPTUNA_STUDY``, ``FTLAB_OPTUNA_STORAGE`` (empty: the study lives in the sweeper's memory, and the job
+runs in the same process) and ``FTLAB_OPTUNA_TRIAL`` (the trial number).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from ftlab.search import TRIAL_ENV
+
+STUDY_ENV, STORAGE_ENV = "FTLAB_OPTUNA_STUDY", "FTLAB_OPTUNA_STORAGE"
+JOURNAL = "journal://"
+# user attributes the sweeper writes on a trial (shown by study.trials_dataframe())
+HEARTBEAT, JOB_FAILED, INTERRUPTED = "ftlab:heartbeat", "ftlab:job_failed", "ftlab:interrupted"
+
+_LIVE: dict[
+    tuple[str, int], Trial
+] = {}  # trials of in-memory studies: their jobs run in the sweeper's process
+
+
+def open_storage(url: str | None) -> BaseStorage | None:
+    """``None`` (in memory), ``journal://<file>`` (a journal file, safe for many processes), or an SQLAlchemy URL."""
+    if not url:
+        return None
+    if url.startswith(JOURNAL):
+        path = url[len(JOURNAL) :]
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return JournalStorage(JournalFileBackend(path))
+    # sqlite: wait for a lock rather than fail at once when several processes write
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    return RDBStorage(url, engine_kwargs=engine)
+
+
+def remember(study: optuna.Study, trials: list[Trial]) -> None:
+    """Let jobs in this process find their trials of an in-memory study."""
+    _LIVE.clear()  # the previous batch's trials are finished
+    _LIVE.update({(study.study_name, t.number): t for t in trials})
+
+
+def counted(trial: FrozenTrial) -> bool:
+    """Whether a trial uses up the budget: finished (completed, pruned, failed in the job) or running.
+
+    Not counted: trials cut off by an interruption or a lost process, and trials handed back as surplus.
+    """
+    if trial.state == TrialState.FAIL:
+        return bool(trial.user_attrs.get(JOB_FAILED))
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+def within_budget(study: optuna.Study, n_trials: int) -> set[int]:
+    """The numbers of the first ``n_trials`` counted trials: those may run, any later one is surplus."""
+    numbers = sorted(t.number for t in study.get_trials(deepcopy=False) if counted(t))
+    return set(numbers[:n_trials])
+
+
+def fail_stale(study: optuna.Study, grace_period: float) -> list[int]:
+    """Fail running trials whose sweeper stopped beating (a killed process): they no longer hold budget."""
+    now, stale = time.time(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        start = trial.datetime_start.timestamp() if trial.datetime_start else now
+        last = float(trial.user_attrs.get(HEARTBEAT, start))
+        if now - last > grace_period:
+            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            stale.append(trial.number)
+    return stale
+
+
+@contextmanager
+def heartbeat(trials: list[Trial], interval: float) -> Iterator[None]:
+    """Mark ``trials`` alive every ``interval`` seconds while the block runs (their jobs)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial in trials:
+                with contextlib.suppress(RuntimeError):  # finished meanwhile (a job told its own pruning)
+                    trial.set_user_attr(HEARTBEAT, time.time())
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="ftlab-optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def job_env(study: optuna.Study, storage_url: str | None, trial: Trial) -> list[str]:
+    """The overrides that hand ``trial`` to its job."""
+    env = {STUDY_ENV: study.study_name, STORAGE_ENV: storage_url or "", TRIAL_ENV: str(trial.number)}
+    return [f"+hydra.job.env_set.{k}={_quoted(v)}" for k, v in env.items()]
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def job_trial(pruner: Any = None) -> Trial | None:
+    """In a job started by the sweeper: its trial (reopened from the storage, or the in-memory study), else None."""
+    number = os.environ.get(TRIAL_ENV)
+    name = os.environ.get(STUDY_ENV)
+    if not number or not name:
+        return None
+    url = os.environ.get(STORAGE_ENV) or None
+    if url is None:  # in memory: found only by a job in the sweeper's own process
+        return _LIVE.get((name, int(number)))
+    storage = open_storage(url)
+    assert storage is not None
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(name), int(number)
+    )
+    return Trial(optuna.load_study(study_name=name, storage=storage, pruner=pruner), trial_id)
