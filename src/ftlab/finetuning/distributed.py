@@ -10,14 +10,17 @@ layers stay in eval mode. Groups frozen for the whole run (``k``, ``head_only``)
 weights, BitFit) keep ``requires_grad=False`` and are simply not part of DDP. The cost: while a group waits to be
 unfrozen, the backward pass runs through it.
 
-Other multi-process strategies (FSDP, DeepSpeed) shard or flatten parameters; freezing schedules are not supported
-with them and fail with a ``ConfigError`` rather than train wrongly. A static freeze is left to the strategy.
+FSDP (``trainer=fsdp``, ftlab.finetuning.sharding) is treated the same way: with ``use_orig_params=True`` it
+reduce-scatters the gradients of every parameter that had ``requires_grad`` when it wrapped the model, so a group
+that waits to be unfrozen keeps it and its gradients are dropped before the step. Other multi-process strategies
+(DeepSpeed) flatten parameters; freezing schedules are not supported with them and fail with a ``ConfigError``
+rather than train wrongly. A static freeze is left to the strategy.
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 
 from ftlab.finetuning.policy import FinetunePolicy
 from ftlab.utils.errors import ConfigError
@@ -30,11 +33,11 @@ def distributed_keep_grad(trainer: pl.Trainer, policy: FinetunePolicy, group_nam
     if trainer.world_size <= 1 or not scheduled:
         return set()
     strategy = trainer.strategy
-    if not isinstance(strategy, DDPStrategy):
+    if not isinstance(strategy, (DDPStrategy, FSDPStrategy)):
         raise ConfigError(
             f"finetune.every_n_epochs={policy.every_n_epochs} (gradual unfreezing) with trainer.strategy="
             f"{type(strategy).__name__} on {trainer.world_size} processes is not supported: groups unfrozen during "
-            "training would not be synchronised across processes. Use a DDP strategy (trainer=ddp, trainer=ddp_cpu, "
-            "strategy ddp_spawn / ddp_fork), a single device, or a static freeze (finetune=freeze_bottom)."
+            "training would not be synchronised across processes. Use a DDP or FSDP strategy (trainer=ddp, ddp_cpu, "
+            "fsdp, fsdp_cpu, strategy ddp_spawn / ddp_fork), a single device, or a static freeze (finetune=freeze_bottom)."
         )
     return scheduled

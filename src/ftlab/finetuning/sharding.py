@@ -18,6 +18,7 @@ its wrap units, CPU ranks (gloo), norm clipping, and reading a sharded checkpoin
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 
 from ftlab.utils.errors import ConfigError, ModelLoadError
 
+log = logging.getLogger("ftlab.fsdp")
 META_FILE = "meta.pt"  # Lightning's non-tensor part of a sharded checkpoint (epoch, loops, hyper-parameters)
 
 
@@ -100,6 +102,8 @@ class LayerGroupFSDPStrategy(FSDPStrategy):
         _move_torchmetrics_to_device(wrapped, self.root_device)
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
         self.precision_plugin.root = wrapped  # type: ignore[attr-defined]
+        units = wrapped_classes(wrapped)
+        log.info("FSDP units: %s", ", ".join(f"{n} x{units.count(n)}" for n in dict.fromkeys(units)))
         return wrapped
 
 
@@ -196,13 +200,21 @@ def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
         raise ModelLoadError(
             f"{path} is a folder but not a sharded FSDP checkpoint (it lacks .metadata or {META_FILE})."
         )
+    from torch.distributed.checkpoint.api import CheckpointException
+
     state: dict[str, Any] = {}
+    reader = _reader(path)
     try:
-        _load_state_dict(state, storage_reader=_reader(path), planner=_planner(), no_dist=True)
+        reader.read_metadata()  # first, so a refused global surfaces as itself (dcp would wrap it)
+        _load_state_dict(state, storage_reader=reader, planner=_planner(), no_dist=True)
         meta = torch.load(path / META_FILE, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError) as err:
+    except CheckpointException as err:  # dcp's wrapper around what failed while reading
+        failures = [exc for exc, _ in err.failures.values()]
+        refused = [exc for exc in failures if isinstance(exc, pickle.UnpicklingError)]
+        if refused:
+            raise refused[0] from None
+        raise ModelLoadError(f"{path} could not be read as a sharded FSDP checkpoint: {failures}") from None
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, AttributeError) as err:
         raise ModelLoadError(f"{path} could not be read as a sharded FSDP checkpoint: {err}") from err
     if "model" not in state:
         raise ModelLoadError(f"{path} is a sharded checkpoint without model weights (no 'model' entry).")
