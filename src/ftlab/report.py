@@ -9,7 +9,8 @@ standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable p
 Writes ``results.md``, ``results.csv``, ``results.tex`` and ``plot_<key>.png`` (test/<monitored name> and
 best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; ``plot_settings.png``, one
 bar per row, when no swept key is numeric) into the first sweep folder (or ``--out``) and prints the Markdown
-table. Failed and unfinished jobs are listed under the table, never averaged.
+table. Failed and unfinished jobs, and the trials an Optuna search pruned, are listed under the table, never
+averaged.
 
 A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
 """
@@ -67,7 +68,7 @@ def _overrides(job: Path, metrics: dict[str, Any] | None, ignore: set[str]) -> d
 
 
 def collect(sweeps: list[Path], ignore: set[str]) -> pd.DataFrame:
-    """One row per job: ``job``, ``status`` (completed/failed/unfinished), ``error``, overrides, metrics."""
+    """One row per job: ``job``, ``status`` (completed/failed/pruned/unfinished), ``error``, overrides, metrics."""
     rows = []
     for sweep in sweeps:
         if not sweep.is_dir():
@@ -80,7 +81,8 @@ def collect(sweeps: list[Path], ignore: set[str]) -> pd.DataFrame:
             state = status.get("status") or ("completed" if metrics else "unfinished")
             if state == "completed" and metrics is None:
                 state = "unfinished"
-            row: dict[str, Any] = {"job": str(job), "status": state, "error": status.get("error", "")}
+            note = _pruned_note(status) if state == "pruned" else status.get("error", "")
+            row: dict[str, Any] = {"job": str(job), "status": state, "error": note}
             row.update({f"override:{k}": v for k, v in _overrides(job, metrics, ignore).items()})
             if metrics is not None and state == "completed":
                 row.update(
@@ -185,9 +187,18 @@ def _display(table: pd.DataFrame, metrics: list[str]) -> tuple[list[str], list[l
     return header, body
 
 
-def _excluded(jobs: pd.DataFrame) -> list[str]:
-    bad = jobs[jobs["status"] != "completed"]
+def _excluded(jobs: pd.DataFrame, pruned: bool = False) -> list[str]:
+    """The failed and unfinished jobs, or (``pruned``) the trials an Optuna search pruned."""
+    bad = jobs[(jobs["status"] == "pruned") if pruned else ~jobs["status"].isin(["completed", "pruned"])]
     return [f"{r.job}: {r.status}" + (f" ({r.error})" if r.error else "") for r in bad.itertuples()]
+
+
+def _pruned_note(status: dict[str, Any]) -> str:
+    """Where the pruner stopped a trial (status.json of a pruned job, ftlab.search.pruning)."""
+    value = status.get("value")
+    shown = f"{value:.4g}" if isinstance(value, int | float) else value
+    where = f"validation {status.get('step')} (epoch {status.get('epoch')})"
+    return f"trial {status.get('trial')} stopped at {where}, {status.get('monitor')}={shown}"
 
 
 def markdown(table: pd.DataFrame, metrics: list[str], jobs: pd.DataFrame, fixed: dict[str, str]) -> str:
@@ -200,6 +211,9 @@ def markdown(table: pd.DataFrame, metrics: list[str], jobs: pd.DataFrame, fixed:
     excluded = _excluded(jobs)
     if excluded:
         notes += ["", f"Excluded ({len(excluded)} failed or unfinished jobs):", *[f"- {e}" for e in excluded]]
+    pruned = _excluded(jobs, pruned=True)
+    if pruned:
+        notes += ["", f"Pruned by the Optuna search ({len(pruned)} trials):", *[f"- {e}" for e in pruned]]
     return "\n".join(lines + notes) + "\n"
 
 
