@@ -97,7 +97,11 @@ def cached_conversion(
     final = root / "llm" / f"{gguf.stem}-{digest[:16]}"
     if (final / "config.json").is_file():
         return final
-    log.info("Converting %s to fp32 safetensors once (cached in %s).", gguf.name, final)
+    done = _CONVERTED.get(digest)
+    if done is not None and (done / "config.json").is_file():  # converted by this process under another root
+        convert = _linker(done)
+    else:
+        log.info("Converting %s to fp32 safetensors once (cached in %s).", gguf.name, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".{final.name}.*.tmp"):  # left by a killed conversion (any pid)
         if not _alive(stale):
@@ -106,7 +110,10 @@ def cached_conversion(
     try:
         with disk_errors(final.parent):
             convert(gguf, tmp)
-            (tmp / "ftlab_source.json").write_text(json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n")
+            if not (tmp / "ftlab_source.json").exists():  # a linked copy has it (same inode: do not rewrite)
+                (tmp / "ftlab_source.json").write_text(
+                    json.dumps({"gguf": str(gguf), "sha256": digest}) + "\n"
+                )
         fault_point("llm_convert")
         os.rename(tmp, final)  # atomic; fails if another process renamed its copy first
     except OSError:
@@ -115,7 +122,25 @@ def cached_conversion(
         log.info("Another process converted %s first; using its folder.", gguf.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _CONVERTED[digest] = final
     return final
+
+
+# sha256 -> a folder this process converted: another cache root gets hard links to it, not a second conversion
+_CONVERTED: dict[str, Path] = {}
+
+
+def _linker(done: Path) -> Callable[[Path, Path], None]:
+    def link(_: Path, out: Path) -> None:
+        def link_or_copy(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system
+                shutil.copy2(src, dst)
+
+        shutil.copytree(done, out, copy_function=link_or_copy)
+
+    return link
 
 
 def _alive(tmp: Path) -> bool:
