@@ -1,4 +1,5 @@
-"""Defaults that follow the model (issue #20): per-family optimizer presets and the learning-rate search."""
+"""Defaults that follow the model and the data (issue #20): per-family optimizer presets, the learning-rate
+search, the image input size and augmentation chosen from the images."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import json
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tests.conftest import compose_cfg, tiny_text_overrides
 
+from ftlab.data.image import ImagePreprocessing, build_transform
+from ftlab.data.image_size import auto_input_size
 from ftlab.lr_finder import CURVE_FILE, PLOT_FILE, tuned_lr
 from ftlab.train import train
 
@@ -97,3 +102,52 @@ def test_a_resumed_run_reuses_its_search(tmp_path: Path):
     lr = tuned_lr(cfg, trainer=None, module=module, datamodule=None, output_dir=tmp_path, resumed=True)  # type: ignore[arg-type]
     assert lr == 0.0123
     assert module.optimizer_factory.keywords == {"lr": 0.0123, "weight_decay": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("shape", "native", "expected"),
+    [((50, 28, 28), 224, 64), ((50, 8, 8), 224, 32), ((5, 47, 62), 224, 96), ((5, 480, 640), 224, 224)],
+)
+def test_auto_input_size_follows_the_images(shape, native, expected):
+    assert auto_input_size(np.zeros(shape, dtype=np.uint8), native) == expected
+
+
+def test_auto_augmentation_neither_flips_nor_crops_hard():
+    from torchvision.transforms import v2
+
+    steps = build_transform(ImagePreprocessing(64, 3, (0.5,) * 3, (0.5,) * 3), "auto", train=True).transforms
+    assert not any(isinstance(step, v2.RandomHorizontalFlip) for step in steps)
+    crops = [step for step in steps if isinstance(step, v2.RandomResizedCrop)]
+    assert len(crops) == 1 and crops[0].scale == (0.85, 1.0)
+
+
+def test_an_image_folder_run_trains_predicts_and_evaluates_at_the_size_auto_chose(tmp_path):
+    from tests.test_image_data import make_folder
+
+    from ftlab.runs.rebuild import datamodule_for, load_run
+
+    root = make_folder(tmp_path / "images", {"ant": 12, "bee": 12}, size=20)  # 20 x 24 px
+    overrides = [
+        "model=tiny_resnet",
+        "model.backbone.input_size=224",  # as an ImageNet backbone: auto must not blow 20 px up to 224
+        "data=image_folder",
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar.kind=log",
+    ]
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    metrics = train(cfg)
+    assert metrics["optimizer/lr"] == 1e-4  # tiny_resnet's preset
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")  # what the CLI's Hydra run writes
+    run = load_run(tmp_path / "run")
+    assert run.module.hparams["input_size"] == 64  # min(224, max(32, 2 x 20 rounded up to 32))
+    assert run.module.backbone.preprocessing.input_size == 64
+    encoded = datamodule_for(run, setup=False).encode([str(next((root / "ant").iterdir()))])
+    assert encoded[0]["pixel_values"].shape == (3, 64, 64)
+    # evaluation rebuilds the data module: the run's size is kept, not chosen again
+    datamodule = datamodule_for(run)
+    assert datamodule.datasets["test"][0]["pixel_values"].shape == (3, 64, 64)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
@@ -249,6 +250,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         self.class_fraction = {str(k): v for k, v in class_fraction.items()} if class_fraction else None
         if augment not in AUGMENTATIONS:
             raise ConfigError(f"data.augment={augment!r} is not one of {', '.join(AUGMENTATIONS)}.")
+        if OmegaConf.is_config(preprocessing):  # Hydra's instantiate passes the dataclass on as a DictConfig
+            preprocessing = OmegaConf.to_object(preprocessing)  # type: ignore[assignment]
         self.preprocessing, self.source = preprocessing, source
         self.source_args: dict[str, Any] = dict(
             root=root, val_root=val_root, test_root=test_root, name=name, download=download, options=options

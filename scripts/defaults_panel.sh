@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The defaults panel (issue #20, docs/defaults.md): on datasets that no preset was tuned for, written in the formats
+# a user brings (scripts/defaults_panel_data.py), a run with the defaults only vs the best of a 5-point
+# learning-rate sweep with the same epochs; 3 seeds each.
+#   scripts/defaults_panel.sh [dataset ...] [-- overrides, e.g. hydra/launcher=parallel]
+#   datasets: mnist5k digits lfw_faces rotten_tomatoes debates_2016 noun_share wnut16 (default: all)
+# Then: python scripts/defaults_panel_summary.py outputs/multirun/panel_*_$STAMP  (the table of docs/defaults.md)
+set -euo pipefail
+source "$(dirname "$0")/sweep_lib.sh"
+DATA=${PANEL_DATA:-outputs/panel_data}
+[ -d "$DATA/mnist5k" ] || "$PY" scripts/defaults_panel_data.py "$DATA"
+DATA=$(cd "$DATA" && pwd)
+
+datasets=() extra=()
+while [ $# -gt 0 ]; do
+  if [ "$1" = "--" ]; then shift; extra=("$@"); break; fi
+  datasets+=("$1"); shift
+done
+[ ${#datasets[@]} -gt 0 ] || datasets=(mnist5k digits lfw_faces rotten_tomatoes debates_2016 noun_share wnut16)
+
+IMAGE_LRS=1e-4,3e-4,1e-3,3e-3,1e-2   # around the CNN preset (1e-3)
+TEXT_LRS=1e-5,3e-5,1e-4,3e-4,1e-3    # around the MiniLM preset (1e-4)
+for name in "${datasets[@]}"; do
+  case $name in
+    mnist5k|digits|lfw_faces)
+      args=(data=image_folder "data.root=$DATA/$name" model=efficientnet_lite0); lrs=$IMAGE_LRS ;;
+    rotten_tomatoes|debates_2016)
+      args=(data=text_files "data.train_file=$DATA/$name.csv"); lrs=$TEXT_LRS ;;
+    noun_share)  # regression: the monitor is the one thing a user must name (val/r2)
+      args=(data=text_files "data.train_file=$DATA/noun_share.csv" data.label_column=target data.task=regression
+            monitor=val/r2); lrs=$TEXT_LRS ;;
+    wnut16)
+      args=(data=token_files "data.train_file=$DATA/wnut16.conll" monitor=val/f1); lrs=$TEXT_LRS ;;
+    *) echo "unknown panel dataset: $name" >&2; exit 2 ;;
+  esac
+  run_sweep "panel_${name}_default" name="panel_${name}_default" "${args[@]}" seed=1,2,3 "${extra[@]}"
+  run_sweep "panel_${name}_lr" name="panel_${name}_lr" "${args[@]}" "optimizer.lr=$lrs" seed=1,2,3 "${extra[@]}"
+done
