@@ -8,6 +8,10 @@ F1, macro precision/recall, loss, ``per_class.csv``, ``confusion_matrix.csv`` an
 :mod:`ftlab.tasks`); the training files of the run are never touched. The headline metrics are computed with
 the same torchmetrics definitions as training, so ``split=test`` on the best checkpoint reproduces the run's
 ``metrics.json``.
+
+Inputs that cannot be read (an image that is cut off or a decompression bomb, a line of a table that is not UTF-8)
+are left out one by one: the rest is evaluated and written, ``skipped.csv`` lists each with its reason, and the
+command ends with one paragraph naming them (exit status 2) only then (:mod:`ftlab.data.unreadable`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ftlab.data import unreadable
 from ftlab.runs import folder, rebuild
 from ftlab.utils.errors import ConfigError
 
@@ -45,7 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     data = user_data(cfg)
-    datamodule = rebuild.datamodule_for(run, data)
+    with unreadable.skipping() as skipped:  # (input, reason): reported, the others evaluated, exit status 2
+        datamodule = rebuild.datamodule_for(run, data)
     if cfg.get("attack") is not None:  # clean vs attacked metrics: <run>/eval/<split>_attack_<name>/
         from ftlab.robustness import evaluate_attack
 
@@ -58,7 +64,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     # the task's evaluator: training's metric definitions over the split, plus its report files
     evaluator = module.task.evaluator()
     examples = 0
-    for batch, logits in rebuild.batches(module, getattr(datamodule, SPLITS[cfg.split])(), device):
+    loader = unreadable.skipping_loader(getattr(datamodule, SPLITS[cfg.split])(), skipped)
+    for batch, logits in rebuild.batches(module, loader, device):
         evaluator.add(logits, batch["labels"])
         examples += len(batch["labels"])
     values = evaluator.finish(out, f"{run.run_dir.name} · {cfg.split}")
@@ -70,6 +77,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         f"\nftlab eval: {examples} {cfg.split} examples\n{shown}\n  written to          {out}\n",
         flush=True,
     )
+    record = out / "skipped.csv"
+    if skipped:
+        raise unreadable.report_skipped(skipped, record, f"{examples} evaluated (written to {out})")
+    record.unlink(missing_ok=True)  # an earlier evaluation's record
     return metrics
 
 

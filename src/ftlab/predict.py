@@ -20,9 +20,11 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from ftlab.data.sources import FILE_FORMATS, read_table
+from ftlab.data.unreadable import report_skipped, skipping, utf8_lines
 from ftlab.evaluate import pick_device
 from ftlab.runs import rebuild
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
+from ftlab.utils.safe_files import write_frame, write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TABLE_SUFFIXES = tuple(FILE_FORMATS)
@@ -37,29 +39,16 @@ def _image_files(path: Path) -> list[str]:
     return [str(p) for p in files]
 
 
-def _text_lines(path: Path, skipped: list[tuple[str, str]] | None) -> list[str]:
-    """The non-blank lines of a text file; a line that is not UTF-8 is skipped (named with its number) or refused."""
-    lines = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            reason = f"{path} line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-            if skipped is None:
-                raise DataError(f"{reason}. Save the file as UTF-8.") from None
-            skipped.append((f"{path}:{number}", reason))
-            continue
-        if line.strip():
-            lines.append(line)
-    return lines
+def _text_lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file; a line that is not UTF-8 is skipped (inside ``unreadable.skipping``)."""
+    return [line for _, line in utf8_lines(path.read_bytes(), path) if line.strip()]
 
 
-def read_inputs(
-    cfg: DictConfig, run: rebuild.LoadedRun, modality: str, skipped: list[tuple[str, str]] | None = None
-) -> tuple[list[str], list[str] | None]:
+def read_inputs(cfg: DictConfig, run: rebuild.LoadedRun, modality: str) -> tuple[list[str], list[str] | None]:
     """The examples (texts or image paths, as the data module's ``modality`` says) and, for pairs, the second texts.
 
-    ``skipped``: lines of a text file that are not UTF-8 are left out and recorded there as (input, reason).
+    Inside ``ftlab.data.unreadable.skipping`` lines of a text file or table that are not UTF-8 are left out and
+    recorded; outside, the first one is refused.
     """
     images = modality == "image"
     inputs = cfg.inputs
@@ -83,7 +72,7 @@ def read_inputs(
                 f"The run classifies text pairs ({pair_column}); a .txt file gives single texts. Give a table with "
                 "both columns (column=..., pair_column=...)."
             )
-        return _text_lines(path, skipped), None
+        return _text_lines(path), None
     table = read_table(path, "inputs")
     column = cfg.get("column") or data.get("text_column") or "text"
     for key, name in (("column", column), ("pair_column", pair_column)):
@@ -144,7 +133,7 @@ def _encode(
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".jsonl":
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
         return
     if path.suffix.lower() != ".csv":
         raise ConfigError(f"output={path}: the suffix must be .csv or .jsonl.")
@@ -158,7 +147,7 @@ def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
             k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items() if k != "top_k"
         }
         flat.append({**plain, **extra})
-    pd.DataFrame(flat).to_csv(path, index=False)
+    write_frame(path, pd.DataFrame(flat), index=False)
 
 
 def _shown(row: dict[str, Any]) -> str:
@@ -177,8 +166,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(cfg.device)
     run = rebuild.load_run(cfg.run, cfg.get("ckpt"))
     datamodule = rebuild.datamodule_for(run, setup=False)  # its preprocessing only: no training data is read
-    skipped: list[tuple[str, str]] = []  # (input, reason): reported, the others predicted, exit status 2
-    examples, pairs = read_inputs(cfg, run, datamodule.modality, skipped)
+    with skipping() as skipped:  # (input, reason): reported, the others predicted, exit status 2
+        examples, pairs = read_inputs(cfg, run, datamodule.modality)
     if not examples and not skipped:
         raise DataError(f"inputs={cfg.inputs}: there is nothing to predict (no non-empty example).")
     rows = predict_rows(
@@ -193,20 +182,10 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     for row in rows[:10]:
         print(f"  {_shown(row)}  {str(row['input'])[:70]}")
     print(f"\nftlab predict: {len(rows)} predictions written to {output}\n", flush=True)
-    if skipped:
-        report_skipped(skipped, output, len(rows))
+    if skipped:  # <output>.skipped.csv (input, reason), and one paragraph naming them (exit status 2)
+        record = output.with_name(output.stem + ".skipped.csv")
+        raise report_skipped(skipped, record, f"{len(rows)} predicted (written to {output})")
     return {"output": str(output), "examples": len(rows)}
-
-
-def report_skipped(skipped: list[tuple[str, str]], output: Path, predicted: int) -> None:
-    """Write ``<output>.skipped.csv`` (input, reason) and raise one paragraph naming them (exit status 2)."""
-    record = output.with_name(output.stem + ".skipped.csv")
-    pd.DataFrame(skipped, columns=["input", "reason"]).to_csv(record, index=False)
-    shown = " ".join(f"[{reason}]" for _, reason in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-    raise DataError(
-        f"{len(skipped)} input(s) were skipped and {predicted} predicted (written to {output}); the skipped ones "
-        f"and why are in {record}: {shown}"
-    )
 
 
 def main() -> None:

@@ -21,6 +21,11 @@ _WIDE = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 655
 class ImageReadError(DataError):
     """One image file cannot be read; the message names it and says why (prediction skips it and goes on)."""
 
+    def __init__(self, message: str, path: str | Path | None = None):
+        super().__init__(message)
+        # what ftlab-eval lists as skipped (optional: a loader worker re-raises the type with the message alone)
+        self.path = str(path) if path is not None else None
+
 
 def _eight_bit(image) -> np.ndarray:  # noqa: ANN001  (a PIL image)
     """The image as a uint8 array (H, W) or (H, W, C): L, RGB or RGBA (alpha is dropped by ``Channels``)."""
@@ -53,11 +58,13 @@ def read_image(path: str | Path) -> torch.Tensor:
     except Image.DecompressionBombError as err:
         raise ImageReadError(
             f"The image {path} was not read: {err} Such a file is refused as a possible decompression bomb; "
-            "shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it."
+            "shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.",
+            path,
         ) from err
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, EOFError) as err:
         raise ImageReadError(
-            f"The image {path} cannot be read ({err}); it is cut off or not an image. Remove or replace the file."
+            f"The image {path} cannot be read ({err}); it is cut off or not an image. Remove or replace the file.",
+            path,
         ) from err
     if array.ndim == 2:
         array = array[:, :, None]

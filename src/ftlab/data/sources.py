@@ -6,11 +6,13 @@ only when the source has them (the data module splits the rest off, seeded and s
 
 from __future__ import annotations
 
+import io
 import logging
 from pathlib import Path
 
 import pandas as pd
 
+from ftlab.data.unreadable import utf8_lines
 from ftlab.utils import assets
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
@@ -18,6 +20,7 @@ log = logging.getLogger(__name__)
 
 FILE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 SPLITS = ("train", "validation", "test")
+COMPRESSED = {".gz", ".bz2", ".xz", ".zip", ".zst"}
 
 
 def _rotten_tomatoes() -> pd.DataFrame:
@@ -45,7 +48,7 @@ UNLABELLED_TEXT = {"rotten_tomatoes": _rotten_tomatoes_texts}  # sources with mo
 
 def file_format(path: Path) -> str:
     """The table format of ``path`` from its suffix, ignoring a compression suffix (``reviews.csv.gz``)."""
-    suffixes = [s for s in path.suffixes if s not in {".gz", ".bz2", ".xz", ".zip", ".zst"}]
+    suffixes = [s for s in path.suffixes if s not in COMPRESSED]
     fmt = FILE_FORMATS.get(suffixes[-1].lower()) if suffixes else None
     if fmt is None:
         raise ConfigError(
@@ -62,15 +65,28 @@ def read_table(path: str | Path, key: str) -> pd.DataFrame:
         raise DataFileError(f"{key}={str(path)!r}: no such file (working directory: {Path.cwd()}).")
     fmt = file_format(path)
     try:
-        if fmt == "csv":
-            return pd.read_csv(path)
-        if fmt == "tsv":
-            return pd.read_csv(path, sep="\t")
-        if fmt == "jsonl":
-            return pd.read_json(path, lines=True)
-        return pd.read_parquet(path)
+        try:
+            return _read(path, fmt)
+        except UnicodeDecodeError:
+            if fmt == "parquet" or path.suffix.lower() in COMPRESSED:
+                raise
+            # which line: named (or, in ftlab-eval/predict, skipped: ftlab.data.unreadable), the rest read
+            lines = utf8_lines(path.read_bytes(), path)
+            return _read(io.StringIO("\n".join(text for _, text in lines) + "\n"), fmt)
+    except DataError:
+        raise
     except Exception as err:  # pandas raises many types; all mean "this file is not a readable table"
         raise DataFileError(f"{key}={str(path)!r} could not be read as {fmt}: {err}") from err
+
+
+def _read(source: Path | io.StringIO, fmt: str) -> pd.DataFrame:
+    if fmt == "csv":
+        return pd.read_csv(source)
+    if fmt == "tsv":
+        return pd.read_csv(source, sep="\t")
+    if fmt == "jsonl":
+        return pd.read_json(source, lines=True)
+    return pd.read_parquet(source)
 
 
 def load_files(
