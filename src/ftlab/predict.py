@@ -23,6 +23,7 @@ from ftlab.data.sources import FILE_FORMATS, read_table
 from ftlab.data.unreadable import report_skipped, skipping, utf8_lines
 from ftlab.evaluate import pick_device
 from ftlab.runs import rebuild
+from ftlab.tasks import GenerativeTask
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 from ftlab.utils.safe_files import write_frame, write_text
 
@@ -93,11 +94,13 @@ def predict_rows(
     top_k: int,
     device: torch.device,
     skipped: list[tuple[str, str]] | None = None,
+    generation: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Encoded by the run's data module exactly as training encoded its examples, decoded by the run's task.
 
     ``skipped``: an example the data module cannot encode (an unreadable image) is left out and recorded there as
-    (input, reason); without it the first such example raises.
+    (input, reason); without it the first such example raises. A generative task (causal_lm) generates instead,
+    with ``generation`` (``max_new_tokens``, ``temperature``).
     """
     module = run.module.to(device).eval()
     collate = datamodule.collator(cuda=device.type == "cuda")
@@ -108,6 +111,9 @@ def predict_rows(
             items = _encode(datamodule, chunk, pairs[start : start + batch_size] if pairs else None, skipped)
             if items:
                 batch = {k: v.to(device) for k, v in collate(items).items()}
+                if isinstance(module.task, GenerativeTask):
+                    rows += module.task.generate_rows(module, batch, items, **(generation or {}))
+                    continue
                 rows += module.task.decode(module(batch).float().cpu(), items, top_k)
     return rows
 
@@ -156,6 +162,8 @@ def _shown(row: dict[str, Any]) -> str:
         return f"{row['label']:<12} {row['probability']:.3f}"
     if "value" in row:
         return f"{row['value']:.4f}"
+    if "response" in row:
+        return repr(row["response"])[:40]
     return json.dumps({k: v for k, v in row.items() if k != "input"})[:40]
 
 
@@ -170,8 +178,13 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         examples, pairs = read_inputs(cfg, run, datamodule.modality)
     if not examples and not skipped:
         raise DataError(f"inputs={cfg.inputs}: there is nothing to predict (no non-empty example).")
+    torch.manual_seed(int(cfg.get("seed") or 0))  # sampled generations (temperature > 0) repeat
+    generation = {
+        "max_new_tokens": cfg.get("max_new_tokens"),
+        "temperature": float(cfg.get("temperature") or 0),
+    }
     rows = predict_rows(
-        run, datamodule, examples, pairs, int(cfg.batch_size), int(cfg.top_k), device, skipped
+        run, datamodule, examples, pairs, int(cfg.batch_size), int(cfg.top_k), device, skipped, generation
     )
     output = (
         Path(cfg.output).expanduser()
