@@ -7,6 +7,7 @@ here by hand, and for reproducibility; a wrong modality is refused with a messag
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ftlab.evaluate import evaluate
 from ftlab.runs import rebuild
 from ftlab.train import train
-from ftlab.utils.errors import ConfigError
+from ftlab.utils.errors import ConfigError, DataFileError
 
 from conftest import CONF_DIR, compose_cfg, read_json, tiny_reviews, tiny_text_overrides
 
@@ -164,3 +165,44 @@ def test_wrong_modality_is_a_clear_error_and_writes_nothing(image_run, text_run)
         attack(text_run, "word_deletion", "attack.rate=[0.1,2.0]")
     assert not (text_run / "eval" / "test_attack_pgd").exists()
     assert not (image_run / "eval" / "test_attack_char_noise").exists()
+
+
+def test_sweep_table_puts_attacked_accuracy_beside_clean_with_mean_and_std_over_seeds(tmp_path):
+    from ftlab.robustness.table import robustness_table
+
+    sweep = tmp_path / "sweep"
+    records = {  # (adversarial, seed): (clean acc, pgd@0.1 acc); one job has no attack record yet
+        ("none", 1): (0.90, 0.10),
+        ("none", 2): (0.80, 0.30),
+        ("pgd", 1): (0.85, 0.60),
+        ("pgd", 2): (0.75, None),
+    }
+    for i, ((method, seed), (clean, attacked)) in enumerate(records.items()):
+        job = sweep / str(i)
+        job.mkdir(parents=True)
+        overrides = [f"adversarial={method}", f"seed={seed}"]
+        (job / "metrics.json").write_text(json.dumps({"test/acc": clean, "overrides": overrides}))
+        if attacked is not None:
+            (job / "eval" / "test_attack_pgd").mkdir(parents=True)
+            record = {
+                "test/acc": clean,
+                "pgd@0.1/test/acc": attacked,
+                "pgd@0.1/test/loss": 2.0,
+                "attack": "pgd",
+            }
+            (job / "eval" / "test_attack_pgd" / "metrics.json").write_text(json.dumps(record))
+    result = robustness_table([sweep])
+    table = result["table"].set_index("adversarial")
+    assert table.loc["none", "pgd@0.1/test/acc mean"] == pytest.approx(0.20)
+    assert table.loc["none", "pgd@0.1/test/acc std"] == pytest.approx(0.1414, abs=1e-4)
+    assert table.loc["none", "test/acc mean"] == pytest.approx(0.85)
+    assert table.loc["pgd", "pgd@0.1/test/acc mean"] == pytest.approx(
+        0.60
+    )  # the job without a record: not a 0
+    assert table.loc["pgd", "test/acc mean"] == pytest.approx(0.80)
+    assert "pgd@0.1/test/loss" not in result["markdown"] and "0.2000 ± 0.1414" in result["markdown"]
+    assert (sweep / "robustness.md").read_text() == result["markdown"] and (
+        sweep / "robustness.csv"
+    ).is_file()
+    with pytest.raises(DataFileError, match="ftlab-eval run=<job> attack=<name>"):
+        robustness_table([sweep], split="validation")
