@@ -188,3 +188,51 @@ def test_runs_killed_inside_checkpoint_writes_resume_to_the_uninterrupted_metric
                                     "--out", str(tmp_path)])  # fmt: skip
     assert (summary["kills"], summary["recovered"], summary["lost"]) == (2, 2, 0), summary
     assert [c["fell_back"] for c in summary["cases"]] == [False, True]  # damaged last.ckpt: best.ckpt used
+
+
+def test_a_write_that_fails_leaves_the_previous_file_whole_and_no_temporary(tmp_path, monkeypatch):
+    """labels.json, thresholds.json, predictions (CSV, JSONL), eval reports and plots: temporary name, then rename."""
+    import errno
+
+    import numpy as np
+
+    from ftlab.data.labels import LabelMap
+    from ftlab.predict import write_rows
+    from ftlab.tasks.classification import ClassificationTask
+    from ftlab.tasks.multilabel import MultiLabelTask
+    from ftlab.tasks.reports import per_class, plot_confusion
+    from ftlab.utils import safe_files
+
+    rows = [
+        {"input": "a", "label": "pos", "probability": 0.9, "top_k": [{"label": "pos", "probability": 0.9}]}
+    ]
+    evaluator = ClassificationTask(2, ["neg", "pos"]).evaluator()
+    evaluator.add(torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]]), torch.tensor([0, 1, 1]))
+    matrix = per_class(np.array([0, 1]), np.array([0, 1]), ["neg", "pos"])[1]
+    writers = {
+        "labels.json": lambda path: LabelMap(["neg", "pos"]).save(path),
+        "thresholds.json": lambda path: MultiLabelTask(2, ["a", "b"]).write_files(path.parent),
+        "predictions.csv": lambda path: write_rows(rows, path),
+        "predictions.jsonl": lambda path: write_rows(rows, path),
+        "per_class.csv": lambda path: evaluator.finish(path.parent, "eval"),  # ftlab-eval's first report file
+        "confusion_matrix.png": lambda path: plot_confusion(matrix, path, "eval"),
+    }
+    paths = {name: tmp_path / name.replace(".", "_") / name for name in writers}
+    for path in paths.values():
+        path.parent.mkdir()
+        path.write_bytes(b"the previous good file")
+
+    def full(src, dst):  # the rename fails, as a write that runs out of room would
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safe_files.os, "replace", full)
+        for name, write in writers.items():
+            with pytest.raises(OSError, match="No space left"):
+                write(paths[name])
+    for name, path in paths.items():
+        assert path.read_bytes() == b"the previous good file", name
+        assert [p.name for p in path.parent.iterdir()] == [name], name  # no temporary file left behind
+    for name, write in writers.items():  # the same writers, with room: the new file replaces the old one
+        write(paths[name])
+        assert paths[name].read_bytes() != b"the previous good file", name
