@@ -153,6 +153,9 @@ def test_bad_options_are_config_errors():
         Mix.from_config({"mode": "mixup"}, "multilabel")
     with pytest.raises(ConfigError, match="choose one or more"):
         text_ops.char_noise("abc", 0.1, random.Random(0), ops=("flip",))
+    # what a sweep uses to switch augmentation off: data.text_augment.ops=[],[eda] / data.mix.mode=none,mixup
+    assert TextAugment.from_config({"ops": [], "n_aug": 2}) is None and TextAugment.from_config({}) is None
+    assert Mix.from_config({"mode": "none", "alpha": 0.2}, "classification") is None
 
 
 # --- data.text_augment ----------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from ftlab.augment.seeding import batch_seed
 from ftlab.utils.errors import ConfigError
 
-MODES = ("mixup", "cutmix", "both")
+MODES = ("none", "mixup", "cutmix", "both")
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class Mix:
     """The options of ``data.mix``.
 
     Args:
-        mode: ``mixup``, ``cutmix`` or ``both`` (one of the two per batch, chosen with equal probability).
+        mode: ``mixup``, ``cutmix`` or ``both`` (one of the two per batch, chosen with equal probability);
+            ``none``: no mixing (so that a sweep can switch it off: ``data.mix.mode=none,mixup,cutmix``).
         alpha: of the ``Beta(alpha, alpha)`` distribution of ``lam`` (1.0: uniform; smaller: closer to 0 or 1).
     """
 
@@ -56,6 +57,8 @@ class Mix:
         made = cls(**dict(value))
         if made.mode not in MODES:
             raise ConfigError(f"data.mix.mode={made.mode!r} is not one of {', '.join(MODES)}.")
+        if made.mode == "none":
+            return None
         if not isinstance(made.alpha, int | float) or made.alpha <= 0:
             raise ConfigError(
                 f"data.mix.alpha={made.alpha!r} must be a number > 0 (1.0: lam uniform in [0, 1])."

@@ -33,7 +33,8 @@ class TextAugment:
 
     Args:
         ops: what one augmented copy applies, chosen uniformly per copy: ``eda`` (one of EDA's four operations,
-            itself chosen uniformly among those with a non-zero rate) and/or ``char_noise`` (typos).
+            itself chosen uniformly among those with a non-zero rate) and/or ``char_noise`` (typos). ``[]``: no
+            augmentation (so that a sweep can switch it off: ``data.text_augment.ops=[],[eda]``).
         n_aug: augmented copies of each training example per epoch.
         keep_original: also keep the clean example in every epoch.
         alpha_sr, alpha_ri, alpha_rs: EDA's share of words replaced by synonyms / synonyms inserted / swapped.
@@ -54,7 +55,7 @@ class TextAugment:
 
     @classmethod
     def from_config(cls, value: Mapping[str, Any] | None) -> TextAugment | None:
-        """Check ``data.text_augment`` and build it; ``None`` (or ``{}``) means no augmentation."""
+        """Check ``data.text_augment`` and build it; ``None``, ``{}`` or ``ops: []`` mean no augmentation."""
         if value is None or (isinstance(value, Mapping) and not value):
             return None
         if not isinstance(value, Mapping):
@@ -71,6 +72,8 @@ class TextAugment:
                 items = args[key]
                 args[key] = (items,) if isinstance(items, str) else tuple(str(v) for v in items)
         made = cls(**args)
+        if "ops" in args and not made.ops:
+            return None
         made.check()
         return made
 
