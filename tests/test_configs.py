@@ -20,12 +20,13 @@ import ftlab.runs.jobs  # noqa: F401  (registers the ftlab.* resolvers that conf
 
 from conftest import CONF_DIR, compose_cfg, tiny_reviews
 
-SKIP_GROUPS = {"hydra", "local"}
+SKIP_GROUPS = {"hydra", "local", "attack"}  # attack: a group of ftlab-eval (tests/test_robustness_eval.py)
 # option -> extra overrides that make it loadable offline (the option itself is what is being tested)
 OFFLINE = {
     ("model", "bert"): [
         "model.backbone.name_or_path=embedded:all-MiniLM-L6-v2"
     ],  # bert-base-uncased: hub only
+    ("model", "llm"): ["model.backbone.name_or_path=embedded:smollm2"],  # SmolLM2's hub original: hub only
     ("data", "hf_hub"): ["data.hub_name=glue"],  # constructor only: loading needs the hub
     ("data", "image_folder"): ["data.root=/data/flowers"],  # constructor only: root is the user's (???)
     ("data", "image_table"): [

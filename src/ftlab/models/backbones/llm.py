@@ -96,6 +96,7 @@ def cached_conversion(
     digest = file_hash(gguf)
     final = root / "llm" / f"{gguf.stem}-{digest[:16]}"
     if (final / "config.json").is_file():
+        _CONVERTED[digest] = final
         return final
     done = _CONVERTED.get(digest)
     if done is not None and (done / "config.json").is_file():  # converted by this process under another root
