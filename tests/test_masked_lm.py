@@ -313,3 +313,30 @@ def test_lora_adapted_backbone_is_merged_when_transferred(tmp_path):
     merged = merge_peft(module).backbone.state_dict()
     assert loaded.state_dict().keys() == merged.keys()
     assert all(torch.allclose(loaded.state_dict()[k], merged[k]) for k in merged)
+
+
+def test_tapt_experiments_compose_with_both_arms():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF_DIR
+
+    def composed(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+    for full in ("", "_full"):
+        mlm = composed(f"experiment=tapt_mlm{full}")
+        assert (mlm.data.task, mlm.monitor, mlm.monitor_mode) == ("masked_lm", "val/perplexity", "min")
+        assert mlm.data.max_train_examples is None and mlm.save_backbone and mlm.model.backbone.pretrained
+        grid = composed(f"experiment=tapt{full}")
+        params = {k: str(v).split(",") for k, v in grid.hydra.sweeper.params.items()}
+        assert params["data.max_train_examples"][:2] == ["500", "4000"] and len(params["seed"]) >= 3
+        assert grid.data.task == "classification" and grid.monitor == "val/acc"
+        assert (mlm.trainer.accelerator == "gpu") == (grid.trainer.accelerator == "gpu") == (full == "_full")
+    script = CONF_DIR.parent / "scripts" / "reproduce_tapt.sh"
+    assert (
+        "experiment=tapt_mlm$FULL" in script.read_text()
+        and "model.backbone.checkpoint=null,$MLM" in script.read_text()
+    )
