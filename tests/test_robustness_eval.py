@@ -206,3 +206,14 @@ def test_sweep_table_puts_attacked_accuracy_beside_clean_with_mean_and_std_over_
     ).is_file()
     with pytest.raises(DataFileError, match="ftlab-eval run=<job> attack=<name>"):
         robustness_table([sweep], split="validation")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF_DIR / "attack").glob("*.yaml")))
+def test_every_attack_config_composes_with_eval_and_builds_its_attack(name):
+    from ftlab.checks import check_config
+    from ftlab.robustness.evaluation import build_attack
+
+    cfg = entry_cfg("eval", ["run=/some/run", f"attack={name}"])
+    check_config(cfg, "eval")  # every key is an argument of its target
+    built = build_attack(cfg.attack)
+    assert built.name == name and built.values and all(v > 0 for v in built.values)
