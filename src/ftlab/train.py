@@ -100,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.backbone.compile()
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
-    pruning = search.pruning(cfg.monitor)  # a job of an Optuna search: report each validation to its trial
+    pruning = search.pruning_callback(cfg.monitor)  # a job of an Optuna search: report each validation to its trial
     callbacks += [pruning] if pruning is not None else []
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
     # bf16 where the GPU has it, else fp16 mixed (utils/devices.py)

@@ -15,19 +15,16 @@ from typing import Any
 TRIAL_ENV = "FTLAB_OPTUNA_TRIAL"  # set by the sweeper for each job (ftlab.search.study)
 
 
-def pruning(monitor: str) -> Any:
+def pruning_callback(monitor: str) -> Any:
     """In a job of an Optuna search: the callback that reports ``monitor`` to its trial; else ``None``."""
     if not os.environ.get(TRIAL_ENV):
         return None
     from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import instantiate
 
     from ftlab.search.pruning import OptunaPruning
     from ftlab.search.study import job_trial
 
-    sweeper = HydraConfig.get().sweeper if HydraConfig.initialized() else {}
-    pruner = instantiate(sweeper["pruner"]) if sweeper.get("pruner") else None
-    trial = job_trial(pruner)
+    trial = job_trial(HydraConfig.get().sweeper) if HydraConfig.initialized() else None
     return OptunaPruning(trial, monitor) if trial is not None else None
 
 

@@ -1,9 +1,9 @@
 """The study shared by the sweeper and its jobs: storage URLs, the trial budget, heartbeats, a job's own trial.
 
-A job finds its trial through three environment variables the sweeper sets for it (Hydra's
-``hydra.job.env_set``, so they reach a job in this process, a joblib worker or a SLURM job alike):
-``FTLAB_OPTUNA_STUDY``, ``FTLAB_OPTUNA_STORAGE`` (empty: the study lives in the sweeper's memory, and the job
-runs in the same process) and ``FTLAB_OPTUNA_TRIAL`` (the trial number).
+A job finds its trial from its own Hydra config, which the sweeper completes per job (so it reaches a job in this
+process, a joblib worker or a SLURM job alike): ``hydra.sweeper.study_name`` and ``hydra.sweeper.storage`` (null:
+the study lives in the sweeper's memory, and the job runs in the same process), and the trial number in the
+environment variable ``FTLAB_OPTUNA_TRIAL`` (``hydra.job.env_set``).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import optuna
+from hydra.utils import instantiate
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ftlab.search import TRIAL_ENV
 
-STUDY_ENV, STORAGE_ENV = "FTLAB_OPTUNA_STUDY", "FTLAB_OPTUNA_STORAGE"
 JOURNAL = "journal://"
 # user attributes the sweeper writes on a trial (shown by study.trials_dataframe())
 HEARTBEAT, JOB_FAILED, INTERRUPTED = "ftlab:heartbeat", "ftlab:job_failed", "ftlab:interrupted"
@@ -102,28 +102,34 @@ def heartbeat(trials: list[Trial], interval: float) -> Iterator[None]:
         thread.join()
 
 
-def job_env(study: optuna.Study, storage_url: str | None, trial: Trial) -> list[str]:
-    """The overrides that hand ``trial`` to its job."""
-    env = {STUDY_ENV: study.study_name, STORAGE_ENV: storage_url or "", TRIAL_ENV: str(trial.number)}
-    return [f"+hydra.job.env_set.{k}={_quoted(v)}" for k, v in env.items()]
+def job_overrides(study: optuna.Study, storage_url: str | None, trial: Trial) -> list[str]:
+    """The overrides that hand ``trial`` to its job: the study's name and storage, and the trial number."""
+    storage = _quoted(storage_url) if storage_url else "null"
+    return [
+        f"+hydra.job.env_set.{TRIAL_ENV}={trial.number}",
+        f"hydra.sweeper.study_name={_quoted(study.study_name)}",
+        f"hydra.sweeper.storage={storage}",
+    ]
 
 
 def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def job_trial(pruner: Any = None) -> Trial | None:
-    """In a job started by the sweeper: its trial (reopened from the storage, or the in-memory study), else None."""
-    number = os.environ.get(TRIAL_ENV)
-    name = os.environ.get(STUDY_ENV)
+def job_trial(sweeper: Any) -> Trial | None:
+    """In a job started by the sweeper (``sweeper``: its ``hydra.sweeper`` config): its trial, else ``None``.
+
+    Reopened from the storage; from this process's memory for an in-memory study.
+    """
+    number, name = os.environ.get(TRIAL_ENV), sweeper.get("study_name")
     if not number or not name:
         return None
-    url = os.environ.get(STORAGE_ENV) or None
-    if url is None:  # in memory: found only by a job in the sweeper's own process
+    if not sweeper.get("storage"):  # in memory: found only by a job in the sweeper's own process
         return _LIVE.get((name, int(number)))
-    storage = open_storage(url)
+    storage = open_storage(sweeper["storage"])
     assert storage is not None
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(name), int(number)
     )
+    pruner = instantiate(sweeper["pruner"]) if sweeper.get("pruner") else None  # not kept in the storage
     return Trial(optuna.load_study(study_name=name, storage=storage, pruner=pruner), trial_id)

@@ -8,6 +8,7 @@ itself. Job folders are named by trial number, so processes sharing one study an
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -17,7 +18,6 @@ import optuna
 from hydra.core.plugins import Plugins
 from hydra.errors import HydraException
 from hydra.types import HydraContext, TaskFunction
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import Trial, TrialState
 
@@ -43,6 +43,11 @@ class OptunaSearch:
             )
         if conf["n_trials"] < 1 or conf["n_jobs"] < 1:
             raise ConfigError("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be at least 1.")
+        if not 0 < conf["heartbeat_interval"] < conf["grace_period"]:
+            raise ConfigError(
+                f"hydra.sweeper.heartbeat_interval={conf['heartbeat_interval']} must be above 0 and below "
+                f"hydra.sweeper.grace_period={conf['grace_period']}, or live trials would be taken for lost ones."
+            )
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -61,15 +66,14 @@ class OptunaSearch:
         return shared.JOURNAL + str(journal)
 
     def _study(self, url: str | None, grid: dict[str, list[Any]] | None) -> optuna.Study:
-        sampler_conf = self.conf["sampler"]
-        sampler = instantiate(sampler_conf)
+        sampler = self.conf["sampler"]  # Hydra instantiated sampler and pruner with the sweeper
         if grid is not None:
             sampler = sampler(search_space=grid)  # GridSampler is _partial_: its grid comes from params
         return optuna.create_study(
             study_name=self.conf["study_name"],
             storage=shared.open_storage(url),
             sampler=sampler,
-            pruner=instantiate(self.conf["pruner"]),
+            pruner=self.conf["pruner"],
             direction=self.conf["direction"],
             load_if_exists=True,
         )
@@ -77,13 +81,16 @@ class OptunaSearch:
     def sweep(self, arguments: list[str]) -> None:
         params = [f"{k}={v}" for k, v in (self.conf["params"] or {}).items()]
         search_space, fixed = space.parse(params + list(arguments))
-        is_grid = str(OmegaConf.select(self.conf["sampler"], "_target_")).endswith("GridSampler")
+        sampler = self.conf["sampler"]
+        is_grid = isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler
         grid = space.grid(search_space) if is_grid else None
         n_trials = self.conf["n_trials"]
         if grid is not None:
             n_trials = min(n_trials, math.prod(len(v) for v in grid.values()))
         url = self._storage_url()
         study = self._study(url, grid)
+        if study.get_trials(deepcopy=False):  # resumed or shared: do not replay the seed's first draws
+            study.sampler.reseed_rng()
         log.info("study %s (%s), %s, %s; budget %d trials", study.study_name, url or "in memory",
                  type(study.sampler).__name__, type(study.pruner).__name__, n_trials)  # fmt: skip
         while True:
@@ -116,7 +123,9 @@ class OptunaSearch:
         overrides = []
         for trial in trials:
             job = space.suggest(trial, search_space, fixed)
-            overrides.append([*job, f"hydra.sweep.subdir={trial.number}", *shared.job_env(study, url, trial)])
+            overrides.append(
+                [*job, f"hydra.sweep.subdir={trial.number}", *shared.job_overrides(study, url, trial)]
+            )
         if url is None:
             shared.remember(study, trials)
         try:
