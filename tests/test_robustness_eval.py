@@ -217,3 +217,31 @@ def test_every_attack_config_composes_with_eval_and_builds_its_attack(name):
     check_config(cfg, "eval")  # every key is an argument of its target
     built = build_attack(cfg.attack)
     assert built.name == name and built.values and all(v > 0 for v in built.values)
+
+
+@pytest.mark.parametrize(
+    ("name", "swept"),
+    [
+        ("adversarial_text", {"seed"}),
+        ("adversarial_image", {"seed"}),
+        ("weight_averaging", {"seed", "callbacks"}),
+    ],
+)
+def test_robustness_experiments_compose_and_their_scripts_run_them(name, swept):
+    import os
+
+    for variant in (name, f"{name}_full"):
+        cfg = entry_cfg("train", [f"experiment={variant}"])
+        assert (
+            cfg.name == variant and cfg.get("adversarial") is None
+        )  # the adversarial rows come from the script
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            params = compose(
+                "train", [f"experiment={variant}"], return_hydra_config=True
+            ).hydra.sweeper.params
+        assert set(params) == swept and len(str(params["seed"]).split(",")) >= 3
+        if variant != name:  # one override away, on a GPU, with all the data
+            assert cfg.trainer.accelerator == "gpu" and cfg.data.get("max_train_examples") is None
+    script = CONF_DIR.parent / "scripts" / f"reproduce_{name}.sh"
+    assert os.access(script, os.X_OK) and f"experiment={name}" in script.read_text()
+    assert f"scripts/reproduce_{name}.sh" in (CONF_DIR.parent / "docs" / "robustness.md").read_text()
