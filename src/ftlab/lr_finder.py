@@ -25,6 +25,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
+from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,14 @@ def _search(
 ) -> float | None:
     from pytorch_lightning.tuner import Tuner
 
+    if (
+        trainer.world_size > 1
+    ):  # under ddp_spawn the search would run (and its result stay) in the child processes
+        raise ConfigError(
+            f"tune.lr=true searches on one process, and this trainer has {trainer.world_size} "
+            f"(trainer.strategy={type(trainer.strategy).__name__}). Search with trainer.devices=1, then give the "
+            "suggestion (lr_find.json in that run folder) to the multi-process run as optimizer.lr=<value>."
+        )
     steps = int(options.get("num_training", 100))
     module.lr_search = True
     # Lightning's search stops at the trainer's max_epochs too: a small set would end it after one epoch's steps
