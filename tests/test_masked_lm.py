@@ -184,6 +184,16 @@ def test_masked_lm_run_from_unlabelled_csv_lowers_perplexity(mlm_run):
     assert len(val) == 3 and val[-1] < 0.5 * val[0]  # the same fixed validation masks every epoch
     assert metrics["test/perplexity"] < 0.5 * val[0] and np.isfinite(metrics["test/loss"])
     assert (run_dir / "backbone.pt").is_file()  # task=masked_lm saves the adapted backbone
+    # ftlab-eval scores the same fixed test masks: the run's own test metrics again
+    from hydra import compose, initialize_config_dir
+
+    from ftlab.evaluate import evaluate
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"run={run_dir}", "split=test", f"output_dir={run_dir}/eval"])
+    assert evaluate(cfg)["test/perplexity"] == pytest.approx(metrics["test/perplexity"], rel=1e-5)
 
 
 def test_decoder_is_tied_to_the_word_embeddings_and_fill_mask_predicts(mlm_run):
