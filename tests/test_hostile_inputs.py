@@ -25,6 +25,7 @@ from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from ftlab.data.image_files import ImageReadError, read_image
+from ftlab.evaluate import evaluate
 from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.predict import predict
 from ftlab.runs.rebuild import build_module
@@ -141,6 +142,24 @@ def test_predict_on_hostile_texts_skips_only_the_line_that_is_not_utf8(reviews_c
     result = predict(_entry("predict", [f"run={run}", 'inputs=["", "funny and warm"]', f"output={out}"]))
     assert result["examples"] == 2 and len(out.read_text().splitlines()) == 2
 
+    # ftlab-eval on a table with a line that is not UTF-8: that line named and skipped, the other rows evaluated
+    table = tmp_path / "test.csv"
+    rows = [
+        b"review,stars",
+        b"funny and warm,pos",
+        b"caf\xe9 dull,neg",
+        b"a dull lifeless mess,neg",
+        b"superb,pos",
+    ]
+    table.write_bytes(b"\n".join(rows) + b"\n")
+    evaluated = tmp_path / "eval"
+    with pytest.raises(DataError) as caught:
+        evaluate(_entry("eval", [f"run={run}", f"+data.test_file={table}", f"output_dir={evaluated}"]))
+    assert "1 input(s) were skipped and 3 evaluated" in str(caught.value)
+    assert f"{table} line 3: not valid UTF-8 (byte 0xe9 at column 4)" in str(caught.value)
+    assert json.loads((evaluated / "metrics.json").read_text())["examples"] == 3
+    assert pd.read_csv(evaluated / "skipped.csv")["input"].tolist() == [f"{table}:3"]
+
 
 def _png_claiming(path: Path, width: int, height: int) -> None:
     """A valid 1x1 PNG whose header says ``width`` x ``height`` (a decompression bomb, 70 bytes on disk)."""
@@ -205,3 +224,44 @@ def test_predict_cli_on_hostile_images_predicts_the_rest_and_exits_2(tmp_path):
     skipped = pd.read_csv(tmp_path / "preds.skipped.csv")
     assert [Path(p).name for p in skipped["input"]] == ["g_truncated.png", "h_bomb.png"]
     assert "cut off" in skipped["reason"][0] and "decompression bomb" in skipped["reason"][1]
+
+
+def test_eval_on_hostile_images_evaluates_the_rest_and_names_the_skipped(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def draw(folder: Path, colour: tuple[int, int, int], n: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            noise = rng.integers(0, 40, (20, 20, 3))
+            Image.fromarray(np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)).save(
+                folder / f"{i}.png"
+            )
+
+    for name, colour in (("a", (200, 20, 20)), ("b", (20, 20, 200))):
+        draw(tmp_path / "train" / name, colour, 10)
+    run = _trained(tmp_path, ["data=image_folder", f"data.root={tmp_path / 'train'}", "data.num_workers=0",
+                              "model=tiny_resnet", "model.backbone.input_size=16", "trainer.accelerator=cpu",
+                              "trainer.devices=1", "callbacks.progress_bar.kind=log"])  # fmt: skip
+    test = tmp_path / "test"
+    test.mkdir()
+    _hostile_images(test / "a")  # 8 files, 2 of them unreadable
+    draw(test / "b", (20, 20, 200), 2)
+    out = tmp_path / "eval"
+    with pytest.raises(DataError) as caught:  # the CLI prints it and exits 2
+        evaluate(_entry("eval", [f"run={run}", f"+data.test_root={test}", f"output_dir={out}"]))
+    assert "2 input(s) were skipped and 8 evaluated" in str(caught.value)
+    assert json.loads((out / "metrics.json").read_text())["examples"] == 8
+    assert (out / "per_class.csv").is_file() and (out / "confusion_matrix.png").is_file()
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert [Path(p).name for p in skipped["input"]] == ["g_truncated.png", "h_bomb.png"]
+    assert "cut off" in skipped["reason"][0] and "decompression bomb" in skipped["reason"][1]
+    first = json.loads((out / "metrics.json").read_text())
+
+    # the unreadable files removed: no error, no stale record, the same metrics (the rest was evaluated as such)
+    for bad in ("g_truncated.png", "h_bomb.png"):
+        (test / "a" / bad).unlink()
+    again = evaluate(_entry("eval", [f"run={run}", f"+data.test_root={test}", f"output_dir={out}"]))
+    assert not (out / "skipped.csv").exists()
+    assert {k: v for k, v in again.items() if k.startswith("test/")} == {
+        k: v for k, v in first.items() if k.startswith("test/")
+    }
