@@ -77,6 +77,15 @@ class HyperbandPrunerConf:
 
 
 @dataclass
+class ThresholdPrunerConf:
+    _target_: str = "optuna.pruners.ThresholdPruner"
+    lower: Optional[float] = None  # noqa: UP045 - prune below this value (or NaN)
+    upper: Optional[float] = None  # noqa: UP045 - prune above it
+    n_warmup_steps: int = 0
+    interval_steps: int = 1
+
+
+@dataclass
 class NopPrunerConf:
     _target_: str = "optuna.pruners.NopPruner"
 
@@ -105,7 +114,7 @@ for _name, _node in (("tpe", TPESamplerConf), ("random", RandomSamplerConf), ("c
                      ("grid", GridSamplerConf)):  # fmt: skip
     _store.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="ftlab")
 for _name, _node in (("median", MedianPrunerConf), ("asha", SuccessiveHalvingPrunerConf),
-                     ("hyperband", HyperbandPrunerConf), ("none", NopPrunerConf)):  # fmt: skip
+                     ("hyperband", HyperbandPrunerConf), ("threshold", ThresholdPrunerConf), ("none", NopPrunerConf)):  # fmt: skip
     _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="ftlab")
 
 
