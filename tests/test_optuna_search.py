@@ -23,7 +23,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 import ftlab.runs.jobs  # noqa: F401 - the ${ftlab.*} resolvers and the sweeper's configs, as ftlab-train has them
-from ftlab import report
+from ftlab import cli, report
 from ftlab.search import space
 from ftlab.search.study import INTERRUPTED, JOB_FAILED, open_storage
 from ftlab.utils.errors import ConfigError
@@ -233,3 +233,32 @@ def test_a_hopeless_trial_is_pruned_at_its_first_validation(tmp_path):
     assert (
         "Pruned by the Optuna search (1 trials):" in md and "trial 1 stopped at validation 1 (epoch 0)" in md
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "hydra/sweeper/sampler=grid",
+            "sampler=grid needs discrete values, but hydra.sweeper.params.optimizer.lr",
+        ),
+        ("hydra.sweeper.direction=max", "hydra.sweeper.direction='max' must be 'minimize' or 'maximize'"),
+    ],
+)
+def test_a_bad_search_setting_stops_ftlab_train_before_anything_runs(
+    monkeypatch, capsys, tmp_path, override, message
+):
+    argv = [
+        "ftlab-train",
+        "-m",
+        "model=tiny_bert",
+        "hparams_search=optuna",
+        override,
+        f"paths.log_dir={tmp_path}",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        cli.train()
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("ftlab: error: ") and message in err
+    assert not any(tmp_path.iterdir())  # no sweep folder

@@ -20,6 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ftlab import search
 from ftlab.checks import check_config, compose
 from ftlab.console import quiet_lightning, show_config
 from ftlab.runs import folder, jobs
@@ -157,6 +158,8 @@ def precheck(app: str, config_name: str, argv: list[str]) -> DictConfig | None:
     except (HydraException, OmegaConfBaseException) as err:
         raise _composition_error(err, app, config_name, args) from None
     _require_extras(cfg, app)
+    if app == "train":
+        search.check_sweeper(cfg, args.overrides)  # hparams_search=optuna: its settings and search space
     check_config(cfg, app, skip=compose.swept(cfg, args.overrides))
     return cfg
 

@@ -49,3 +49,19 @@ def register_sweeper() -> None:
     from hydra_plugins.ftlab_optuna_sweeper.ftlab_optuna_sweeper import FtlabOptunaSweeper
 
     Plugins.instance().register(FtlabOptunaSweeper)
+
+
+def check_sweeper(cfg: Any, overrides: list[str]) -> None:
+    """``ftlab-train -m`` on ftlab's Optuna sweeper: its settings and search space, checked before anything runs
+    (a ConfigError naming the key, so the CLI exits 2 with one paragraph)."""
+    from omegaconf import OmegaConf
+
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
+    if sweeper is None or not str(sweeper.get("_target_", "")).endswith("FtlabOptunaSweeper"):
+        return
+    from ftlab.search.sweeper import check_settings, plan
+
+    conf: Any = OmegaConf.to_container(sweeper, resolve=True)
+    check_settings(conf)
+    is_grid = str((conf.get("sampler") or {}).get("_target_", "")).endswith("GridSampler")
+    plan(conf.get("params"), [o for o in overrides if not o.lstrip("+~").startswith("hydra")], is_grid)

@@ -28,26 +28,36 @@ from ftlab.utils.errors import ConfigError
 log = logging.getLogger("ftlab.search")
 
 
+def check_settings(conf: Any) -> None:
+    """The sweeper's settings (``hydra.sweeper``), as a ConfigError naming the key."""
+    if conf["direction"] not in ("minimize", "maximize"):
+        raise ConfigError(f"hydra.sweeper.direction={conf['direction']!r} must be 'minimize' or 'maximize'.")
+    if not 0.0 <= conf["max_failure_rate"] <= 1.0:
+        raise ConfigError(f"hydra.sweeper.max_failure_rate={conf['max_failure_rate']} must be within [0, 1].")
+    if conf["n_trials"] < 1 or conf["n_jobs"] < 1:
+        raise ConfigError(
+            f"hydra.sweeper.n_trials={conf['n_trials']} and hydra.sweeper.n_jobs={conf['n_jobs']} must be at "
+            "least 1."
+        )
+    if not 0 < conf["heartbeat_interval"] < conf["grace_period"]:
+        raise ConfigError(
+            f"hydra.sweeper.heartbeat_interval={conf['heartbeat_interval']} must be above 0 and below "
+            f"hydra.sweeper.grace_period={conf['grace_period']}, or live trials would be taken for lost ones."
+        )
+
+
+def plan(params: Any, arguments: list[str], is_grid: bool) -> tuple[dict, dict, dict | None]:
+    """The search space of ``hydra.sweeper.params`` and the command line; the grid of ``sampler=grid``."""
+    search_space, fixed = space.parse([f"{k}={v}" for k, v in (params or {}).items()] + list(arguments))
+    return search_space, fixed, space.grid(search_space) if is_grid else None
+
+
 class OptunaSearch:
     """The sweeper's work; arguments as in ``FtlabOptunaSweeperConf`` (the plugin's config)."""
 
     def __init__(self, **conf: Any) -> None:
+        check_settings(conf)
         self.conf = conf
-        if conf["direction"] not in ("minimize", "maximize"):
-            raise ConfigError(
-                f"hydra.sweeper.direction={conf['direction']!r} must be 'minimize' or 'maximize'."
-            )
-        if not 0.0 <= conf["max_failure_rate"] <= 1.0:
-            raise ConfigError(
-                f"hydra.sweeper.max_failure_rate={conf['max_failure_rate']} must be within [0, 1]."
-            )
-        if conf["n_trials"] < 1 or conf["n_jobs"] < 1:
-            raise ConfigError("hydra.sweeper.n_trials and hydra.sweeper.n_jobs must be at least 1.")
-        if not 0 < conf["heartbeat_interval"] < conf["grace_period"]:
-            raise ConfigError(
-                f"hydra.sweeper.heartbeat_interval={conf['heartbeat_interval']} must be above 0 and below "
-                f"hydra.sweeper.grace_period={conf['grace_period']}, or live trials would be taken for lost ones."
-            )
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -79,11 +89,9 @@ class OptunaSearch:
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        params = [f"{k}={v}" for k, v in (self.conf["params"] or {}).items()]
-        search_space, fixed = space.parse(params + list(arguments))
         sampler = self.conf["sampler"]
         is_grid = isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler
-        grid = space.grid(search_space) if is_grid else None
+        search_space, fixed, grid = plan(self.conf["params"], arguments, is_grid)
         n_trials = self.conf["n_trials"]
         if grid is not None:
             n_trials = min(n_trials, math.prod(len(v) for v in grid.values()))
