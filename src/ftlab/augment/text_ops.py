@@ -18,9 +18,9 @@ lower-case word to its synonyms (default: WordNet, :func:`ftlab.utils.wordnet.sy
 whitespace and joined with one space; punctuation stays attached to its word and outside the replaced part
 ("great," -> "outstanding,"), and a capitalised word keeps its capital.
 
-Written here rather than taken from nlpaug 1.1.11 or TextAttack 0.3.11: nlpaug's augmenters draw from Python's
-global ``random`` state (no generator argument), so a draw per (seed, epoch, example) would mean reseeding the
-process-wide state before every example, in every loader worker; TextAttack pulls in heavy dependencies for its
+Written here rather than taken from nlpaug 1.1.11 or TextAttack 0.3.11: nlpaug's augmenters sample with the global
+``random`` and ``numpy.random`` states (its ``Augmenter.sample`` and ``prob``), so a draw per (seed, epoch,
+example) would mean reseeding both process-wide states before every example, in every loader worker; TextAttack pulls in heavy dependencies for its
 search-based attacks. The operations themselves are a few lines each.
 """
 
