@@ -46,7 +46,7 @@ def strengths(values: Any, key: str, upper: float | None = None) -> list[float]:
 class Attack:
     """Base of the evaluation attacks: ``name`` names its output folder, ``key`` its strength."""
 
-    name: ClassVar[str]
+    name: str
     key: ClassVar[str]
 
     def __init__(self, values: list[float], seed: int):
