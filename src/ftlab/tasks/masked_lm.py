@@ -88,7 +88,7 @@ class MaskedLMTask(Task):
         names = self.label_names or []
         rows = []
         for b, item in enumerate(items):
-            masks = []
+            masks: list[dict[str, Any]] = []
             for position in item.get("mask_positions", []):
                 probs = logits[b, int(position)].float().softmax(-1)
                 values, ids = probs.topk(min(top_k, probs.numel()))

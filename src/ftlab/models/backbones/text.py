@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class HFTextBackbone(nn.Module):
         config = self.model.config
         activation = config.hidden_act if isinstance(getattr(config, "hidden_act", None), str) else "gelu"
         head = MaskedLMHead(
-            self.input_embeddings(),
+            cast(nn.Embedding, self.input_embeddings()),
             self.out_features,
             activation,
             float(getattr(config, "layer_norm_eps", 1e-12)),
