@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -51,6 +52,7 @@ class Case:
     warmup: int | None = None  # overrides the plan's untimed steps
     count_flops: bool = True  # off where runners do different work (cached vs uncached)
     repetitions: int | None = None  # overrides the plan's repetitions
+    prepare: Callable[[], None] | None = None  # run once in the parent before the case (e.g. convert a model)
 
     def variant(self, name: str) -> tuple[str, list[str]]:
         runner, extra = self.variants.get(name, (name, []))
@@ -154,7 +156,33 @@ def build(quick: bool, cache_dir: str, gpu: bool = False) -> list[Case]:
             repetitions=2,  # the ratio is far from 1; the cached runs read the features from disk after the first
         ),
         _adversarial_case(text, text_batch),
+        _llm_lora_case(cache_dir, quick, gpu),
     ]
+
+
+def _llm_lora_case(cache_dir: str, quick: bool, gpu: bool) -> Case:
+    """SmolLM2-135M + LoRA at batch 8 and 128 tokens: ftlab vs a plain PyTorch + peft loop (benchmarks/llm_lora.py).
+
+    A CPU step is seconds (135M parameters x 1,024 tokens), so 2 repetitions of 2 + 4 steps; on a GPU the plan's.
+    """
+    import llm_lora
+
+    from ftlab.models.backbones.llm import default_cache_dir
+
+    model_cache = str(default_cache_dir())  # converted once per machine, not once per benchmark run
+    overrides = llm_lora.case_overrides(_common(cache_dir, llm_lora.BATCH, gpu), model_cache)
+    return Case(
+        llm_lora.CASE,
+        overrides,
+        llm_lora.BATCH,
+        ("ftlab", "plain_peft"),
+        skip="skipped in --quick" if quick else None,
+        steps=None if gpu else 4,
+        warmup=None if gpu else 2,
+        repetitions=None if gpu else 2,
+        count_flops=False,  # runners.step_flops counts full fine-tuning, not LoRA's backward
+        prepare=lambda: llm_lora.convert_once(model_cache),
+    )
 
 
 def _overhead_case(cache_dir: str, quick: bool, gpu: bool = False) -> Case:

@@ -258,6 +258,8 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"  {case.name}: skipped ({case.skip})", flush=True)
             results.append({"case": case.name, "skipped": case.skip})
             continue
+        if case.prepare is not None:
+            case.prepare()
         results.append(run_case(case, plan, args.repetitions))
     markdown = table(results, peak, args.gpu)
     record = {

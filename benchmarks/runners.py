@@ -261,7 +261,14 @@ def run_hf_trainer(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> d
     return gate.result()
 
 
-RUNNERS = {"ftlab": run_ftlab, "plain": run_plain, "hf_trainer": run_hf_trainer}
+def run_plain_peft(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[str, Any]:
+    """A plain PyTorch + peft LoRA loop (benchmarks/llm_lora.py: the SmolLM2 case)."""
+    from llm_lora import run_plain_peft as run
+
+    return run(cfg, warmup, steps, tail)
+
+
+RUNNERS = {"ftlab": run_ftlab, "plain": run_plain, "hf_trainer": run_hf_trainer, "plain_peft": run_plain_peft}
 
 
 def step_flops(cfg: DictConfig, batches: int = 3) -> dict[str, float]:
