@@ -291,6 +291,28 @@ def test_mixup_soft_targets_loss_equals_the_weighted_cross_entropy():
     assert torch.equal(plain["labels"], labels)  # validation / test items: not mixed
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"class_weights": [1.0, 2.0, 3.0]},
+        {"loss": "focal"},
+        {"loss": "focal", "class_weights": [1.0, 2.0, 3.0]},
+    ],
+)
+def test_one_hot_probabilities_give_the_loss_of_class_ids(options):
+    logits, labels = (
+        torch.randn(6, 3, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([0, 1, 2, 0, 1, 2]),
+    )
+    task = ClassificationTask(3, **options)
+    assert float(task.loss(logits, F.one_hot(labels, 3).float())) == pytest.approx(
+        float(task.loss(logits, labels))
+    )
+    soft = torch.full((6, 3), 1 / 3)  # a soft row is not a hard one: the loss differs
+    assert float(task.loss(logits, soft)) != pytest.approx(float(task.loss(logits, labels)))
+
+
 def test_cutmix_pastes_a_box_and_its_area_is_the_label_share():
     items, labels = image_items()
     batch = MixCollator(ImageCollator(), Mix("cutmix", 1.0), num_classes=4, seed=1)(items)
