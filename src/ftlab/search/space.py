@@ -41,12 +41,13 @@ def distribution(override: Override) -> BaseDistribution:
     """One sweep override as an Optuna distribution."""
     value = override.value()
     if override.is_choice_sweep() or (isinstance(value, RangeSweep) and value.shuffle):
-        return CategoricalDistribution(list(override.sweep_iterator(transformer=Transformer.encode)))
+        choices: list[Any] = list(override.sweep_iterator(transformer=Transformer.encode))
+        return CategoricalDistribution(choices)
     if isinstance(value, RangeSweep):
-        values = list(override.sweep_iterator())
+        values: list[Any] = list(override.sweep_iterator())
         if not values:
             raise ConfigError(f"hydra.sweeper.params: {override.input_line} is an empty range.")
-        step = value.step if value.step is not None else 1
+        step: Any = value.step if value.step is not None else 1
         if all(isinstance(v, int) for v in values) and isinstance(step, int):
             return IntDistribution(int(values[0]), int(values[-1]), step=step)
         return FloatDistribution(
@@ -54,9 +55,11 @@ def distribution(override: Override) -> BaseDistribution:
         )
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return IntDistribution(value.start, value.end, log=log)
-        return FloatDistribution(float(value.start), float(value.end), log=log)
+        start: Any = value.start
+        end: Any = value.end
+        if isinstance(start, int) and isinstance(end, int):
+            return IntDistribution(start, end, log=log)
+        return FloatDistribution(float(start), float(end), log=log)
     raise ConfigError(
         f"hydra.sweeper.params: {override.input_line} is not a search space Optuna can sample; use "
         "interval(a, b), tag(log, interval(a, b)), choice(a, b, ...) or range(a, b[, step])."

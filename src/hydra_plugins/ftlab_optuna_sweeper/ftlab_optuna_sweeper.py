@@ -110,12 +110,18 @@ class FtlabOptunaSweeperConf:
 
 _store = ConfigStore.instance()
 _store.store(group="hydra/sweeper", name="ftlab_optuna", node=FtlabOptunaSweeperConf, provider="ftlab")
-for _name, _node in (("tpe", TPESamplerConf), ("random", RandomSamplerConf), ("cmaes", CmaEsSamplerConf),
-                     ("grid", GridSamplerConf)):  # fmt: skip
-    _store.store(group="hydra/sweeper/sampler", name=_name, node=_node, provider="ftlab")
-for _name, _node in (("median", MedianPrunerConf), ("asha", SuccessiveHalvingPrunerConf),
-                     ("hyperband", HyperbandPrunerConf), ("threshold", ThresholdPrunerConf), ("none", NopPrunerConf)):  # fmt: skip
-    _store.store(group="hydra/sweeper/pruner", name=_name, node=_node, provider="ftlab")
+_choices: Dict[str, Dict[str, Any]] = {  # noqa: UP006
+    "hydra/sweeper/sampler": {
+        "tpe": TPESamplerConf, "random": RandomSamplerConf, "cmaes": CmaEsSamplerConf, "grid": GridSamplerConf,
+    },
+    "hydra/sweeper/pruner": {
+        "median": MedianPrunerConf, "asha": SuccessiveHalvingPrunerConf, "hyperband": HyperbandPrunerConf,
+        "threshold": ThresholdPrunerConf, "none": NopPrunerConf,
+    },
+}  # fmt: skip
+for _group, _options in _choices.items():
+    for _name, _node in _options.items():
+        _store.store(group=_group, name=_name, node=_node, provider="ftlab")
 
 
 class FtlabOptunaSweeper(Sweeper):
