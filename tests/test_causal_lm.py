@@ -366,3 +366,24 @@ def test_lora_trains_the_adapters_only(tiny_llama, tmp_path):
     assert all(not p.requires_grad for n, p in module.named_parameters() if n not in lora)
     tested = trainer.test(module, datamodule=dm, verbose=False)[0]
     assert "test/exact_match" in tested  # generation runs through the peft-wrapped model
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_labels_and_a_generation_that_stops_at_end_of_turn():
+    from ftlab.models.backbones.causal_lm import HFCausalLM
+
+    backbone = HFCausalLM("embedded:smollm2").eval()  # converted once from the GGUF file (cached)
+    assert backbone.lora_targets and "down_proj" in backbone.lora_targets
+    dm = InstructDataModule(
+        backbone.preprocessing, source="rotten_tomatoes", max_train_examples=16, max_eval_examples=4
+    )
+    dm.setup("fit")
+    tokenizer = dm.tokenizer
+    item = dm.datasets["test"][0]
+    text = tokenizer.decode(item["input_ids"])
+    answer = tokenizer.decode(item["labels"][item["labels"] != IGNORE_INDEX])
+    assert text.startswith("<|im_start|>system\n") and "Sentiment:<|im_end|>\n<|im_start|>assistant\n" in text
+    assert answer in ("fresh<|im_end|>\n", "rotten<|im_end|>\n") and text.endswith(answer)
+    (item,) = dm.encode(["What is the capital of Germany? Answer with one word."])
+    (tokens,) = generation.generate(backbone.model, tokenizer, [torch.as_tensor(item["input_ids"])], 16)
+    assert "Berlin" in tokenizer.decode(tokens) and len(tokens) < 16  # stopped at <|im_end|>

@@ -119,5 +119,10 @@ def load_conversations(
         raise ConfigError(
             f"data.source={source!r} is not an instruction source; use files, {', '.join(EMBEDDED)}."
         )
+    if not files["train_file"]:
+        raise ConfigError(
+            "data.train_file is not set: data=instruct_files needs data.train_file=<a CSV/TSV/JSONL/Parquet table "
+            "with prompt/response columns or a messages column>."
+        )
     tables = load_files(files["train_file"], files["validation_file"], files["test_file"])
     return {split: table_conversations(frame, split, columns) for split, frame in tables.items()}, None

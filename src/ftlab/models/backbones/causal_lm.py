@@ -38,7 +38,7 @@ class HFCausalLM(nn.Module):
     ):
         super().__init__()
         # shared with model=smollm2 / model=llm: GGUF files (embedded:smollm2) become a cached fp32 folder once
-        from ftlab.models.backbones.llm import load_causal_lm, resolve_llm
+        from ftlab.models.backbones.llm import LLAMA_TARGETS, load_causal_lm, resolve_llm
 
         path = resolve_llm(name_or_path, cache_dir)
         _, model = load_causal_lm(path, cache_dir, pretrained=pretrained, config_overrides=config_overrides)
@@ -53,6 +53,9 @@ class HFCausalLM(nn.Module):
         limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
         self.preprocessing = TextPreprocessing(tokenizer=path, max_length=limit)
         self.loaded_checkpoint: str | None = None
+        # finetune=lora's preset targets (every attention and MLP projection of a Llama-style block)
+        names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        self.lora_targets: list[str] | None = [t for t in LLAMA_TARGETS if t in names] or None
 
     def _base(self) -> Any:
         """The HF model under a peft wrapper (peft forwards attributes, but ``.model`` means another thing there)."""
