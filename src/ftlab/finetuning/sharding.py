@@ -145,6 +145,16 @@ def full_state_dict(strategy: Any, module: nn.Module) -> dict[str, torch.Tensor]
 
 # --- reading a sharded checkpoint ---------------------------------------------------------------------------------
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
+# what torch 2.14 writes into .metadata besides its dataclasses: a layout by name (torch's own weights-only
+# unpickler allows the same function), the checkpoint's path, plain containers
+_PLAIN_GLOBALS = {
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -158,7 +168,7 @@ class _MetadataUnpickler(pickle.Unpickler):
                 return found
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), _TORCH_VALUES)):
             return super().find_class(module, name)
-        if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")):
+        if (module, name) in _PLAIN_GLOBALS:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is forbidden in a checkpoint's .metadata")
 
