@@ -35,7 +35,7 @@ OFFLINE = {
     ("data", "torchvision"): ["data.root=/data/cifar"],  # constructor only: the download needs internet
 }
 # options checked by composition and signatures only: no GPU here
-COMPOSE_ONLY = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_slurm")}
+COMPOSE_ONLY = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_slurm"), ("trainer", "fsdp")}
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 
