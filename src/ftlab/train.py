@@ -100,17 +100,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         module.backbone.compile()
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
-    pruning = search.pruning_callback(
-        cfg.monitor
-    )  # a job of an Optuna search: report each validation to its trial
+    # a job of an Optuna search: report each validation to its trial
+    pruning = search.pruning_callback(cfg.monitor)
     callbacks += [pruning] if pruning is not None else []
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
     # bf16 where the GPU has it, else fp16 mixed (utils/devices.py)
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
-    trainer: pl.Trainer = (
-        _instantiate(  # a strategy's ConfigError (e.g. FSDP in a multirun) surfaces as itself
-            cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
-        )
+    # _instantiate: a strategy's ConfigError (e.g. FSDP inside a multirun) reaches the user as itself
+    trainer: pl.Trainer = _instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
     )
     if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
         datamodule = maybe_cache_features(
