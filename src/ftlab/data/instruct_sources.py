@@ -99,12 +99,13 @@ def table_conversations(frame: pd.DataFrame, split: str, columns: dict[str, str]
     messages = columns["messages_column"]
     if messages in frame.columns:
         return [_messages(v, f"the {split} data, row {i + 1}") for i, v in enumerate(frame[messages])]
-    pr = {k: columns[k] for k in ("prompt_column", "response_column")}
+    pr: dict[str, str | None] = {k: columns[k] for k in ("prompt_column", "response_column")}
     require_columns(frame, pr, split)
-    clean = frame.dropna(subset=list(pr.values()))
+    names = [columns["prompt_column"], columns["response_column"]]
+    clean = frame.dropna(subset=names)
     if clean.empty:
-        raise DataError(f"The {split} data has no row with both {' and '.join(pr.values())}.")
-    prompts, responses = (clean[c].astype(str).tolist() for c in pr.values())
+        raise DataError(f"The {split} data has no row with both {' and '.join(names)}.")
+    prompts, responses = (clean[c].astype(str).tolist() for c in names)
     return [pair(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 

@@ -41,6 +41,7 @@ class HFCausalLM(nn.Module):
         from ftlab.models.backbones.llm import LLAMA_TARGETS, load_causal_lm, resolve_llm
 
         path = resolve_llm(name_or_path, cache_dir)
+        model: Any  # an HF PreTrainedModel (its methods are not typed as nn.Module's)
         _, model = load_causal_lm(path, cache_dir, pretrained=pretrained, config_overrides=config_overrides)
         if not hasattr(model, "generate") or model.get_output_embeddings() is None:
             raise ConfigError(
