@@ -12,6 +12,7 @@ import torch
 from finetune_helpers import compose_cfg, make_module, read_probe, tiny_run_overrides
 from ftlab.finetuning import FinetunePolicy, PeftAdapter
 from ftlab.models.backbones import LLMBackbone, load_causal_lm
+from ftlab.models.backbones.contract import Backbone, EmbeddingBackbone, TokenBackbone, can_split
 from ftlab.models.backbones.llm import LLAMA_TARGETS, cached_conversion
 from ftlab.utils.errors import ConfigError, ModelLoadError
 
@@ -47,6 +48,8 @@ def test_layer_groups_and_the_llama_lora_preset(tiny_llm):
     assert names == ["embeddings", "layer.0", "layer.1", "norm"]
     assert backbone.out_features == 32 and backbone.preprocessing.tokenizer == str(tiny_llm)
     assert not hasattr(backbone.model, "lm_head")  # the decoder body only
+    assert not can_split(backbone)  # the feature cache's prefix mode falls back to running every step
+    assert all(isinstance(backbone, p) for p in (Backbone, TokenBackbone, EmbeddingBackbone))
     module = make_module(
         backbone, FinetunePolicy(peft=PeftAdapter("lora"))
     )  # build_groups: every param grouped
