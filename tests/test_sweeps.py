@@ -104,6 +104,7 @@ def test_optuna_three_trials_one_failing(tmp_path, cache):
                for i in range(3) if _status(sweep_dir / str(i)) == "completed")  # fmt: skip
     assert results["best_value"] == pytest.approx(best)  # maximised: monitor_mode=max -> direction maximize
     assert results["best_params"]["optimizer.lr"] == 1e-3
+    assert results["trials"] == {"complete": 2, "fail": 1}  # ftlab's sweeper on current Optuna (ftlab.search)
 
 
 @pytest.mark.slow
