@@ -71,13 +71,16 @@ def test_freeze_transferred_freezes_exactly_the_copied_groups():
                    "finetune=freeze_transferred")  # fmt: skip
     assert instantiate(cfg.finetune).k == 3
     assert "k" not in _compose("experiment=transfer_yosinski", *REQUIRED, "finetune=full").finetune
-    cfg = _compose("model=tiny_resnet", "finetune=freeze_transferred")  # no checkpoint_groups: nothing copied
-    with pytest.raises(InstantiationException, match="needs model.backbone.checkpoint_groups") as info:
-        instantiate(cfg.finetune)
-    assert isinstance(info.value.__cause__, ConfigError)
-    assert (
-        instantiate(_compose("finetune=freeze_transferred").finetune).k == 0
-    )  # a text model has no such key
+    for model in (
+        "tiny_resnet",
+        "minilm",
+    ):  # no checkpoint_groups: nothing copied (text backbones take it too)
+        cfg = _compose(f"model={model}", "finetune=freeze_transferred")
+        with pytest.raises(InstantiationException, match="needs model.backbone.checkpoint_groups") as info:
+            instantiate(cfg.finetune)
+        assert isinstance(info.value.__cause__, ConfigError)
+    cfg = _compose("model=minilm", "finetune=freeze_transferred", "model.backbone.checkpoint_groups=2")
+    assert instantiate(cfg.finetune).k == 2
 
 
 def test_transfer_script_copies_frozen_and_fine_tuned_groups(tmp_path):
