@@ -345,3 +345,26 @@ def test_a_tiny_resnet_run_with_cutmix_trains(tmp_path):
     module = instantiate(cfg.data, preprocessing=instantiate(cfg.model.backbone).preprocessing)
     module.setup("fit")
     assert isinstance(module.datasets["train"], EpochIndexed) and "blends" in module.feature_cache_blocker()
+
+
+@pytest.mark.slow  # three tiny runs
+def test_a_resumed_run_with_eda_ends_like_the_uninterrupted_one(tmp_path):
+    from ftlab.train import train
+
+    def run(name: str, extra: list[str]) -> dict:
+        small = [
+            "trainer.limit_train_batches=3",
+            "scheduler=constant",
+            "data.text_augment={ops: [eda, char_noise]}",
+        ]
+        return train(compose_cfg([*tiny_run_overrides(tmp_path, tmp_path / name), *small, *extra]))
+
+    full = run("full", ["trainer.max_epochs=2"])
+    run("part", ["trainer.max_epochs=1"])
+    resumed = run("part", ["trainer.max_epochs=2", f"resume={tmp_path / 'part'}"])
+    a, b = (
+        torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=True) for n in ("full", "part")
+    )
+    assert a["global_step"] == b["global_step"] == 6
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert resumed["test/loss"] == pytest.approx(full["test/loss"], abs=1e-6)
