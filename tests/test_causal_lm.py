@@ -319,6 +319,14 @@ def test_a_run_learns_the_answers_and_predict_generates_them(tiny_llama, tmp_pat
     assert after["params/head/total"] == 0  # the model's own (tied) LM head: no new parameters
     (out / ".hydra").mkdir()
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # what a Hydra run writes; train() alone does not
+    from ftlab.evaluate import evaluate
+
+    values = evaluate(
+        OmegaConf.create({"run": str(out), "split": "test", "device": "cpu", "output_dir": None})
+    )
+    assert values["test/perplexity"] == pytest.approx(
+        after["test/perplexity"], rel=1e-4
+    )  # ftlab-eval: same metric
     inputs = ["Review: great film Sentiment:", "Review: awful boring Sentiment:"]
     request = {"run": str(out), "inputs": inputs, "output": str(out / "p.jsonl"), "column": None}
     defaults = {
