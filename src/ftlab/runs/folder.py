@@ -122,6 +122,9 @@ def resume_argv(argv: list[str]) -> list[str]:
         return _resume_sweep_argv(argv, values[-1])
     run_dir = Path(values[-1]).expanduser().resolve()
     config = run_dir / CONFIG_FILE
+    at = argv.index("--config-path") + 1 if "--config-path" in argv else len(argv)
+    if at < len(argv) and argv[at] == str(config.parent):
+        return argv  # rewritten already: a rank that Lightning's DDP/FSDP launcher started with this command line
     if not config.is_file():
         raise DataFileError(f"resume={values[-1]}: {config} does not exist; give the folder of an ftlab run.")
     rest = resume_run_overrides(run_dir, config, [a for a in argv if not a.startswith("resume=")])
