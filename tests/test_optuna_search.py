@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 import ftlab.runs.jobs  # noqa: F401 - the ${ftlab.*} resolvers and the sweeper's configs, as ftlab-train has them
 from ftlab import cli, report
 from ftlab.search import space
-from ftlab.search.study import INTERRUPTED, JOB_FAILED, open_storage
+from ftlab.search.study import INTERRUPTED, JOB_FAILED, RETRY_OF, open_storage
 from ftlab.utils.errors import ConfigError
 
 from conftest import CONF_DIR
@@ -170,15 +170,20 @@ def test_two_processes_share_one_study_and_its_trial_budget(toy, tmp_path):
 )
 def test_a_search_whose_process_died_resumes_where_it_stopped(toy, tmp_path, signal, url):
     """SIGINT (Ctrl-C): the sweeper marks its running trial interrupted. SIGKILL (a lost machine): the trial
-    stops beating, and the next process fails it after the grace period. Neither counts toward n_trials."""
+    stops beating, and the next process fails it after the grace period. Neither counts toward n_trials, and its
+    values are the next to run."""
     common = [f"hydra.sweeper.storage={url}", "hydra.sweeper.n_trials=4", "hydra.sweeper.grace_period=1"]
     _finish(toy(*common, "hydra.sweep.dir=first", "die_at=2", f"signal={signal}"), ok=False)
     storage = open_storage(
         url.replace("///", f"///{tmp_path}/") if "sqlite" in url else f"journal://{tmp_path}/study.log"
     )
     before = optuna.load_study(study_name="toy", storage=storage).trials
-    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.COMPLETE, {"SIGINT": TrialState.FAIL,
-                                          "SIGKILL": TrialState.RUNNING}[signal]]  # fmt: skip
+    cut = {"SIGINT": [TrialState.FAIL, TrialState.WAITING], "SIGKILL": [TrialState.RUNNING]}[signal]
+    assert [t.state for t in before] == [
+        TrialState.COMPLETE,
+        TrialState.COMPLETE,
+        *cut,
+    ]  # SIGINT: queued again
     out = _finish(toy(*common, "hydra.sweep.dir=second"))
     assert _jobs(tmp_path / "second") == {3, 4}  # trials 0 and 1 are not run again; the budget is 4 in all
     trials = optuna.load_study(study_name="toy", storage=storage).trials
@@ -188,6 +193,9 @@ def test_a_search_whose_process_died_resumes_where_it_stopped(toy, tmp_path, sig
     assert [t.params for t in trials[:2]] == [t.params for t in before[:2]]
     lost = trials[2]
     assert not lost.user_attrs.get(JOB_FAILED)  # not the job's fault: not counted
+    assert (
+        trials[3].params == lost.params and trials[3].user_attrs[RETRY_OF] == 2
+    )  # its values ran again first
     if signal == "SIGINT":
         assert lost.user_attrs[INTERRUPTED] == "KeyboardInterrupt"
     else:

@@ -88,7 +88,7 @@ class OptunaPruning(Callback):
     def _raise(self, tell: bool) -> None:
         assert self.record is not None
         if tell:
-            self.trial.study.tell(self.trial, state=TrialState.PRUNED, skip_if_finished=True)
+            tell(self.trial.study, self.trial, state=TrialState.PRUNED)
         raise Pruned(self.record)
 
     def state_dict(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from ftlab.search import TRIAL_ENV
 JOURNAL = "journal://"
 # user attributes the sweeper writes on a trial (shown by study.trials_dataframe())
 HEARTBEAT, JOB_FAILED, INTERRUPTED = "ftlab:heartbeat", "ftlab:job_failed", "ftlab:interrupted"
+RETRY_OF = "ftlab:retry_of"
 
 _LIVE: dict[
     tuple[str, int], Trial
@@ -69,15 +70,34 @@ def within_budget(study: optuna.Study, n_trials: int) -> set[int]:
 
 
 def fail_stale(study: optuna.Study, grace_period: float) -> list[int]:
-    """Fail running trials whose sweeper stopped beating (a killed process): they no longer hold budget."""
+    """Fail running trials whose sweeper stopped beating (a killed process): they no longer hold budget, and
+    their values are queued again."""
     now, stale = time.time(), []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         start = trial.datetime_start.timestamp() if trial.datetime_start else now
         last = float(trial.user_attrs.get(HEARTBEAT, start))
         if now - last > grace_period:
-            study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+            tell(study, trial.number, state=TrialState.FAIL)
+            retry(study, trial.number, trial.params)
             stale.append(trial.number)
     return stale
+
+
+def tell(study: optuna.Study, trial: Trial | int, value: float | None = None, state: Any = None) -> None:
+    """``study.tell`` that leaves a finished trial as it is (a job told its pruning) and lets a grid end."""
+    try:
+        study.tell(trial, value, state=state, skip_if_finished=True)
+    except (
+        RuntimeError
+    ) as err:  # GridSampler calls study.stop() after the last point: only optimize() allows it
+        if "Study.stop" not in str(err):
+            raise
+
+
+def retry(study: optuna.Study, number: int, params: dict[str, Any]) -> None:
+    """Queue the values of a trial that was cut off: the next batch runs them first (a grid keeps every point)."""
+    if params:
+        study.enqueue_trial(params, user_attrs={RETRY_OF: number})
 
 
 @contextmanager

@@ -188,13 +188,7 @@ class OptunaSearch:
 def _tell(
     study: optuna.Study, trial: Trial, value: float | None = None, state: TrialState | None = None
 ) -> TrialState:
-    try:
-        study.tell(trial, value, state=state, skip_if_finished=True)
-    except (
-        RuntimeError
-    ) as err:  # GridSampler calls study.stop() after the last point: only optimize() allows it
-        if "Study.stop" not in str(err):
-            raise
+    shared.tell(study, trial, value, state)
     return _state(study, trial)
 
 
@@ -203,8 +197,10 @@ def _state(study: optuna.Study, trial: Trial) -> TrialState:
 
 
 def _tell_interrupted(study: optuna.Study, trial: Trial, err: BaseException) -> None:
+    """A trial cut off by ``err`` (Ctrl-C, the process exiting): failed, not counted, its values queued again."""
     try:
         trial.set_user_attr(shared.INTERRUPTED, type(err).__name__)
         _tell(study, trial, state=TrialState.FAIL)
     except RuntimeError:  # finished meanwhile
-        pass
+        return
+    shared.retry(study, trial.number, trial.params)
