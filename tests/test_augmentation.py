@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from finetune_helpers import compose_cfg, tiny_run_overrides
 from ftlab.augment import text_ops
 from ftlab.augment.mix import Mix, MixCollator
-from ftlab.augment.seeding import EpochIndexed
+from ftlab.augment.seeding import EpochIndexed, tag_epochs
 from ftlab.augment.text import TextAugment
 from ftlab.data.image import ImageCollator
 from ftlab.tasks.classification import ClassificationTask
@@ -212,6 +212,22 @@ def test_a_resumed_epoch_and_worker_processes_see_the_same_texts(tmp_path):
     resumed = text_module(tmp_path, augment)  # a new process' data module starting at epoch 1
     assert epoch_rows(resumed, 1) == uninterrupted[1] != uninterrupted[0]
     assert epoch_rows(resumed, 1, workers=1) == uninterrupted[1]
+
+
+def test_the_epoch_reaches_the_indices_when_lightning_wraps_the_sampler_under_ddp():
+    # Lightning wraps a sampler that does not shard by rank and calls set_epoch on its wrapper only
+    from lightning_fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from ftlab.data.samplers import SeededShuffleSampler
+
+    epoch = [0]
+    tagged = tag_epochs(SeededShuffleSampler(6, seed=0), 6, lambda: epoch[0])
+    wrapper = DistributedSamplerWrapper(tagged, num_replicas=2, rank=0, shuffle=False)
+    first = list(wrapper)
+    epoch[0] = 1
+    wrapper.set_epoch(1)
+    second = list(wrapper)
+    assert len(first) == 3 and all(i < 6 for i in first) and all(6 <= i < 12 for i in second)
 
 
 class BatchSpy(pl.Callback):

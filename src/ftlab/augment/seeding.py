@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -37,10 +37,15 @@ def untag(tagged: int, size: int) -> tuple[int, int]:
 
 
 class EpochTagged(Sampler[int]):
-    """``sampler``'s indices as ``epoch * size + index``; ``set_epoch`` is passed on."""
+    """``sampler``'s indices as ``epoch * size + index``; ``set_epoch`` is passed on.
 
-    def __init__(self, sampler: Any, size: int, epoch: int = 0):
-        self.sampler, self.size = sampler, size
+    ``epoch_of``: the trainer's current epoch (the data module's). Under DDP Lightning wraps a sampler that does not
+    shard by rank in a ``DistributedSamplerWrapper`` and calls ``set_epoch`` on the wrapper only, so this one would
+    keep the epoch it was built with; the later of the two is used.
+    """
+
+    def __init__(self, sampler: Any, size: int, epoch: int = 0, epoch_of: Callable[[], int] | None = None):
+        self.sampler, self.size, self.epoch_of = sampler, size, epoch_of
         self.epoch = getattr(sampler, "epoch", epoch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -49,7 +54,8 @@ class EpochTagged(Sampler[int]):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * self.size
+        epoch = max(self.epoch, self.epoch_of()) if self.epoch_of is not None else self.epoch
+        offset = epoch * self.size
         for index in self.sampler:
             yield offset + int(index)
 
@@ -61,8 +67,16 @@ class EpochTaggedDistributed(EpochTagged, DistributedSampler):
     """An :class:`EpochTagged` ``DistributedSampler`` (one that shards by rank itself) stays one, so that Lightning
     does not wrap it in a sampler that shards it again (see ``ftlab.preemption._SkipDistributed``)."""
 
-    def __init__(self, sampler: DistributedSampler, size: int, epoch: int = 0):
-        EpochTagged.__init__(self, sampler, size, epoch)  # no DistributedSampler.__init__: no process group
+    def __init__(
+        self,
+        sampler: DistributedSampler,
+        size: int,
+        epoch: int = 0,
+        epoch_of: Callable[[], int] | None = None,
+    ):
+        EpochTagged.__init__(
+            self, sampler, size, epoch, epoch_of
+        )  # no DistributedSampler.__init__: no process group
         self.num_replicas, self.rank = sampler.num_replicas, sampler.rank
         self.num_samples, self.total_size = sampler.num_samples, sampler.total_size
         self.shuffle, self.drop_last, self.seed = (
@@ -72,11 +86,12 @@ class EpochTaggedDistributed(EpochTagged, DistributedSampler):
         )
 
 
-def tag_epochs(sampler: Any, size: int) -> EpochTagged:
-    """Wrap a training sampler so that its indices carry the epoch (see the module docstring)."""
+def tag_epochs(sampler: Any, size: int, epoch_of: Callable[[], int] | None = None) -> EpochTagged:
+    """Wrap a training sampler so that its indices carry the epoch (see the module docstring); ``epoch_of``: the
+    trainer's current epoch."""
     if isinstance(sampler, DistributedSampler):
-        return EpochTaggedDistributed(sampler, size)
-    return EpochTagged(sampler, size)
+        return EpochTaggedDistributed(sampler, size, epoch_of=epoch_of)
+    return EpochTagged(sampler, size, epoch_of=epoch_of)
 
 
 class EpochIndexed(Dataset):

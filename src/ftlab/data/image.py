@@ -354,7 +354,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
 
     def train_sampler(self, dataset: Dataset) -> Any:
         sampler = super().train_sampler(dataset)
-        return tag_epochs(sampler, len(dataset)) if isinstance(dataset, EpochIndexed) else sampler  # type: ignore[arg-type]
+        if not isinstance(dataset, EpochIndexed):
+            return sampler
+        return tag_epochs(sampler, len(dataset), self._epoch)  # the indices carry the epoch (mix's seed)
 
     def collator(self, cuda: bool | None = None) -> Any:
         """Stacks items; with ``mix``, training batches are mixed (:class:`~ftlab.augment.mix.MixCollator`)."""

@@ -449,7 +449,9 @@ class TextClassificationDataModule(ClassificationDataModule):
     def train_sampler(self, dataset: TokenizedText) -> Sampler[int]:  # type: ignore[override]
         sampler = self._order(dataset)
         # augmented copies are drawn from (seed, epoch, index): the indices carry the epoch (ftlab.augment.seeding)
-        return tag_epochs(sampler, len(dataset)) if isinstance(dataset, AugmentedText) else sampler
+        if not isinstance(dataset, AugmentedText):
+            return sampler
+        return tag_epochs(sampler, len(dataset), self._epoch)
 
     def _order(self, dataset: TokenizedText) -> Sampler[int]:
         if not self.bucketing or self.sampler != "none":
