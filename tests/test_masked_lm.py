@@ -88,6 +88,11 @@ def test_masking_is_bert_style_and_a_function_of_seed_split_epoch_index(tmp_path
     kept = (inputs[chosen] == ids[chosen]).mean()
     assert abs(as_mask - 0.8) < 0.05 and abs(kept - 0.1) < 0.04 and abs(1 - as_mask - kept - 0.1) < 0.04
     assert (inputs[~chosen] == ids[~chosen]).all()  # nothing else changes
+    # a pickled collator (what a spawned loader worker or DDP rank gets) masks the same
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(datamodule.collator(cuda=False)))
+    assert torch.equal(copy([train[k] for k in range(n)])["labels"], batch["labels"])
     # one example's mask does not depend on its batch; the next epoch draws another one
     alone = collate(datamodule, "train", [5])
     width = alone["input_ids"].shape[1]

@@ -126,9 +126,12 @@ class MaskingCollator(PadCollator):
         special = torch.from_numpy(np.isin(item["input_ids"], self.special).astype(np.int64))[None]
         spans = item.get("offset_mapping")
         self.hf.generator = torch.Generator().manual_seed(int(item["mask_seed"]))
-        masked, labels = self.hf.torch_mask_tokens(
-            ids, special_tokens_mask=special, offset_mapping=None if spans is None else spans[None]
-        )
+        try:
+            masked, labels = self.hf.torch_mask_tokens(
+                ids, special_tokens_mask=special, offset_mapping=None if spans is None else spans[None]
+            )
+        finally:  # a torch.Generator cannot be pickled: the collator travels to spawned workers / ranks
+            self.hf.generator = None
         return masked[0].numpy(), labels[0].numpy()
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
