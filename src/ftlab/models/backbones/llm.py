@@ -70,7 +70,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
     except ImportError as err:
         raise ModelLoadError(
             f"Converting {gguf} needs the `gguf` package: pip install 'ftlab[llm]' (or pip install gguf). {err}"
