@@ -16,6 +16,8 @@ import torch
 from optuna.trial import Trial, TrialState
 from pytorch_lightning.callbacks import Callback
 
+from ftlab.search.study import tell
+
 
 class Pruned(optuna.TrialPruned):
     """The job's trial was pruned; ``record`` goes into ``status.json``."""
@@ -63,7 +65,7 @@ class OptunaPruning(Callback):
         if trainer.world_size > 1:
             trainer.should_stop = True
             return
-        self._raise(tell=True)
+        self._raise(rank_zero=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
@@ -83,11 +85,11 @@ class OptunaPruning(Callback):
             for k in ("step", "epoch", "global_step"):
                 self.record[k] = int(self.record[k])
         if self.record is not None:
-            self._raise(tell=trainer.is_global_zero)
+            self._raise(rank_zero=trainer.is_global_zero)
 
-    def _raise(self, tell: bool) -> None:
+    def _raise(self, rank_zero: bool) -> None:
         assert self.record is not None
-        if tell:
+        if rank_zero:  # one process tells the study
             tell(self.trial.study, self.trial, state=TrialState.PRUNED)
         raise Pruned(self.record)
 
