@@ -212,6 +212,19 @@ def test_a_resumed_epoch_and_worker_processes_see_the_same_texts(tmp_path):
     resumed = text_module(tmp_path, augment)  # a new process' data module starting at epoch 1
     assert epoch_rows(resumed, 1) == uninterrupted[1] != uninterrupted[0]
     assert epoch_rows(resumed, 1, workers=1) == uninterrupted[1]
+    # a persistent worker keeps the dataset it started with: the epoch still arrives, with the indices
+    sampler = module.train_sampler(module.datasets["train"])
+    loader = DataLoader(
+        module.datasets["train"],
+        batch_size=8,
+        sampler=sampler,
+        collate_fn=module.collator(cuda=False),
+        num_workers=1,
+        persistent_workers=True,
+    )
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        assert [row for batch in loader for row in rows(batch)] == uninterrupted[epoch]
 
 
 def test_the_epoch_reaches_the_indices_when_lightning_wraps_the_sampler_under_ddp():
