@@ -100,11 +100,11 @@ class SkippingCollator:
 
 
 def skipping_loader(loader: DataLoader, skipped: Skipped) -> Iterator[dict[str, Any]]:
-    """The batches of ``loader`` (in order, without shuffling) without their unreadable examples, which go to
-    ``skipped``; a batch whose every example was unreadable is left out."""
+    """The batches of ``loader`` (the same examples in the same order) without their unreadable examples, which go
+    to ``skipped``; a batch whose every example was unreadable is left out."""
     again = DataLoader(
         SkipUnreadable(loader.dataset),
-        batch_size=loader.batch_size,
+        batch_sampler=loader.batch_sampler,  # the loader's own batching (a custom batch sampler included)
         collate_fn=SkippingCollator(loader.collate_fn),
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
