@@ -78,7 +78,7 @@ class LayerGroupFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        root = self.precision_plugin.root  # type: ignore[attr-defined]
+        root = getattr(self, "_root", None)
         if root is not None and root.module is model:
             # test() after fit(): Lightning hands over the bare LightningModule again, whose inner units are still
             # wrapped; wrapping it again would skip the root (the head's shard) and break its state dict
@@ -88,20 +88,20 @@ class LayerGroupFSDPStrategy(FSDPStrategy):
         kwargs = dict(self.kwargs)
         if "auto_wrap_policy" not in kwargs:
             kwargs["auto_wrap_policy"] = layer_group_policy(model)
-        cpu = self.root_device.type == "cpu"
+        device = self.root_device
         wrapped = FullyShardedDataParallel(
             module=model,
             cpu_offload=self.cpu_offload,
             mixed_precision=self.mixed_precision_config,
             sharding_strategy=self.sharding_strategy,
-            device_id=self.root_device
-            if cpu
-            else self.root_device.index,  # None on CPU fails in torch's FSDP
+            device_id=device if device.type == "cpu" else device.index,  # Lightning's None fails on CPU
             **kwargs,
         )
-        _move_torchmetrics_to_device(wrapped, self.root_device)
+        _move_torchmetrics_to_device(wrapped, device)
         _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
-        self.precision_plugin.root = wrapped  # type: ignore[attr-defined]
+        self._root = wrapped
+        if isinstance(self.precision_plugin, ClippingFSDPPrecision):
+            self.precision_plugin.root = wrapped
         units = wrapped_classes(wrapped)
         log.info("FSDP units: %s", ", ".join(f"{n} x{units.count(n)}" for n in dict.fromkeys(units)))
         return wrapped
@@ -114,11 +114,8 @@ def layer_group_policy(model: nn.Module) -> Any:
     from ftlab.finetuning.groups import backbone_groups
 
     backbone = getattr(model, "backbone", None)
-    units = (
-        {id(m) for _, modules in backbone_groups(backbone) for m in modules}
-        if backbone is not None
-        else set()
-    )
+    groups = backbone_groups(backbone) if backbone is not None else []
+    units = {id(m) for _, modules in groups for m in modules}
     return CustomPolicy(lambda module: id(module) in units)
 
 
