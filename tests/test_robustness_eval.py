@@ -245,3 +245,25 @@ def test_robustness_experiments_compose_and_their_scripts_run_them(name, swept):
     script = CONF_DIR.parent / "scripts" / f"reproduce_{name}.sh"
     assert os.access(script, os.X_OK) and f"experiment={name}" in script.read_text()
     assert f"scripts/reproduce_{name}.sh" in (CONF_DIR.parent / "docs" / "robustness.md").read_text()
+
+
+def test_multilabel_run_is_attacked_through_its_own_loss_and_metrics(tmp_path):
+    from test_multilabel import tiny_genres
+
+    tiny_genres(120).to_csv(tmp_path / "genres.csv", index=False)
+    overrides = tiny_text_overrides(tmp_path / "genres.csv", tmp_path) + [
+        "data.text_column=text",
+        "data.label_column=genres",
+        "data.task=multilabel",
+        "trainer.max_epochs=2",
+        "monitor=val/f1_micro",
+    ]
+    run = finished_run(compose_cfg(overrides), tmp_path / "run")
+    noise = attack(run, "char_noise", "attack.rate=[0,0.5]")
+    pgd = attack(run, "embedding_pgd", "attack.epsilon=[0,20]", "attack.steps=2")
+    for metrics, name in ((noise, "char_noise"), (pgd, "embedding_pgd")):
+        clean = {k: v for k, v in metrics.items() if k.startswith("test/")}
+        assert "test/f1_micro" in clean
+        assert {k: metrics[f"{name}@0/{k}"] for k in clean} == pytest.approx(clean, abs=1e-5)
+    assert pgd["embedding_pgd@20/test/loss"] > pgd["test/loss"]  # BCE, the multi-label task's loss, went up
+    assert noise["char_noise@0.5/test/loss"] != pytest.approx(noise["test/loss"], abs=1e-5)
