@@ -179,6 +179,16 @@ def test_freeze_bottom_run_leaves_frozen_groups_unchanged(tiny_llm, tmp_path):
         False,
         False,
     ]
+    # the run's backbone feeds a later run (model.backbone.checkpoint): trained groups as trained, frozen as loaded
+    reloaded = LLMBackbone(str(tiny_llm), checkpoint=str(tmp_path / "run")).state_dict()
+    base = LLMBackbone(str(tiny_llm)).state_dict()
+    assert base.keys() == reloaded.keys()
+    assert not torch.equal(
+        base["model.layers.1.mlp.down_proj.weight"], reloaded["model.layers.1.mlp.down_proj.weight"]
+    )
+    assert torch.equal(
+        base["model.layers.0.mlp.down_proj.weight"], reloaded["model.layers.0.mlp.down_proj.weight"]
+    )
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ftlab.data.text import TextPreprocessing
+from ftlab.models.backbones.checkpoints import load_backbone_checkpoint
 from ftlab.utils import assets
 from ftlab.utils.errors import ConfigError, ModelLoadError
 from ftlab.utils.safe_files import disk_errors, fault_point
@@ -237,6 +238,9 @@ class LLMBackbone(nn.Module):
         gradient_checkpointing: recompute each block's activations in the backward pass (less memory, ~30% slower).
         cache_dir: where converted GGUF files are kept (``${paths.cache_dir}``).
         max_length: the longest input the data side may tokenize (at most the model's positions).
+        checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt`` whose backbone weights to load
+            (weights only; LoRA adapters of a ``finetune=lora`` run are merged first).
+        checkpoint_groups: copy only the bottom n layer groups of ``checkpoint``.
     """
 
     def __init__(
@@ -250,6 +254,8 @@ class LLMBackbone(nn.Module):
         max_length: int = 2048,
         revision: str | None = None,
         trust_remote_code: bool = False,
+        checkpoint: str | None = None,
+        checkpoint_groups: int | None = None,
     ):
         super().__init__()
         if pooling not in POOLING:
@@ -267,7 +273,7 @@ class LLMBackbone(nn.Module):
         self.out_features: int = config.hidden_size
         positions = getattr(config, "max_position_embeddings", None) or max_length
         self.preprocessing = TextPreprocessing(tokenizer=path, max_length=min(int(positions), max_length))
-        self.loaded_checkpoint: str | None = None
+        self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint, checkpoint_groups)
         # peft's defaults for Llama are q/v only; ftlab adapts every attention and MLP projection it finds
         names = {name.rsplit(".", 1)[-1] for name, _ in self.model.named_modules()}
         self.lora_targets: list[str] | None = [t for t in LLAMA_TARGETS if t in names] or None
