@@ -20,7 +20,7 @@ from ftlab.models.backbones import HFTextBackbone
 from ftlab.runs.rebuild import build_module, datamodule_for, load_run
 from ftlab.tasks.base import IGNORE_INDEX
 from ftlab.utils import assets
-from ftlab.utils.errors import ConfigError, DataError
+from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 from conftest import compose_cfg, tiny_reviews
 
@@ -141,6 +141,24 @@ def test_masking_options_and_labelled_options_are_checked(tmp_path):
     plain = TextClassificationDataModule(TextPreprocessing(MINILM, 128), source="files", train_file=str(csv))
     with pytest.raises(DataError, match="data.label_column='label' is not a column"):
         plain.setup("fit")
+
+
+def test_plain_text_files_one_text_per_line(tmp_path):
+    import gzip
+
+    lines = ["a wonderful, moving film", "", "  boring and far too long  ", "funny and warm"] * 10
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n")
+    with gzip.open(tmp_path / "valid.txt.gz", "wt") as f:
+        f.write("the plot makes no sense\nsmart, tender and true\n")
+    datamodule = masked_data(tmp_path / "train.txt", validation_file=str(tmp_path / "valid.txt.gz"))
+    sizes = {split: len(d) for split, d in datamodule.datasets.items()}
+    assert sizes["validation"] == 2 and sizes["train"] + sizes["test"] == 30  # blank lines dropped
+    first = datamodule.tokenizer.decode(
+        datamodule.datasets["validation"][0]["input_ids"], skip_special_tokens=True
+    )
+    assert first == "the plot makes no sense"
+    with pytest.raises(DataFileError, match="data.validation_file=.*missing.txt.*no such file"):
+        masked_data(tmp_path / "train.txt", validation_file=str(tmp_path / "missing.txt"))
 
 
 def test_rotten_tomatoes_gives_every_text_for_masked_lm():

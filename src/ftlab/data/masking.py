@@ -14,20 +14,25 @@ by ``(seed, split, epoch, index)``:
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import logging
+import lzma
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from ftlab.augment.seeding import tag_epochs, untag
 from ftlab.data.labels import LabelMap
-from ftlab.data.sources import SPLITS, load_text_source
+from ftlab.data.sources import SPLITS, load_text_source, read_table
 from ftlab.data.text import PadCollator, TextClassificationDataModule, tokenize_cached
 from ftlab.tasks.base import IGNORE_INDEX
 from ftlab.utils.devices import on_cuda, pad_multiple
-from ftlab.utils.errors import ConfigError
+from ftlab.utils.errors import ConfigError, DataFileError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ TASK = "masked_lm"
 MASKING = {"probability": 0.15, "whole_word": False, "replace_mask": 0.8, "replace_random": 0.1}
 STREAMS = {"train": 0, "validation": 1, "test": 2}
 # data options that need labels: refused (named) rather than ignored
+COMPRESSED = {".gz", ".bz2", ".xz"}
 LABELLED_OPTIONS = (
     "labels",
     "examples_per_class",
@@ -43,6 +49,25 @@ LABELLED_OPTIONS = (
     "folds",
     "text_augment",
 )
+
+
+def is_plain_text(path: str | None) -> bool:
+    """Whether ``path`` names a plain text file (``.txt``, optionally compressed)."""
+    return bool(path) and [x for x in Path(str(path)).suffixes if x not in COMPRESSED][-1:] == [".txt"]
+
+
+def read_lines(path: str, key: str, column: str) -> pd.DataFrame:
+    """A plain text file, one text per line (blank lines dropped), as a one-column table named ``column``."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataFileError(f"{key}={str(file)!r}: no such file (working directory: {Path.cwd()}).")
+    opener: Any = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(file.suffix.lower(), open)
+    try:
+        with opener(file, "rt", encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except (UnicodeDecodeError, OSError, EOFError) as err:
+        raise DataFileError(f"{key}={str(file)!r} could not be read as UTF-8 text lines: {err}") from err
+    return pd.DataFrame({column: [line for line in lines if line]})
 
 
 def mask_seed(seed: int, stream: int, epoch: int, index: int) -> int:
@@ -181,7 +206,7 @@ class MaskedTextDataModule(TextClassificationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.label_map is not None:
             return
-        tables = load_text_source(**self.source_args, unlabelled=True)
+        tables = self._load()
         tables = {split: self._clean(frame, split) for split, frame in tables.items()}
         train = tables["train"].reset_index(drop=True)
         missing = {s for s in ("validation", "test") if s not in tables}
@@ -198,6 +223,20 @@ class MaskedTextDataModule(TextClassificationDataModule):
             self.datasets[split] = MaskedText(self._tokenize(tables[split]), self.seed, STREAMS[split])
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info("Masked-LM text %s: %s texts; masking %s.", self.source_args["source"], sizes, self.masking)
+
+    def _load(self) -> dict[str, pd.DataFrame]:
+        """The source's tables; with ``source=files``, a ``.txt`` file is read as one text per line."""
+        args = self.source_args
+        files = {split: args[f"{split}_file"] for split in SPLITS if args.get(f"{split}_file")}
+        if args["source"] != "files" or "train" not in files or not any(map(is_plain_text, files.values())):
+            return load_text_source(**args, unlabelled=True)
+        column = str(self.columns["text_column"])
+        return {
+            split: read_lines(path, f"data.{split}_file", column)
+            if is_plain_text(path)
+            else read_table(path, f"data.{split}_file")
+            for split, path in files.items()
+        }
 
     def _tokenize(self, frame: Any) -> dict[str, np.ndarray]:
         texts = frame[self.columns["text_column"]].astype(str).tolist()
