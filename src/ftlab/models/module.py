@@ -185,7 +185,9 @@ class FinetuneModule(pl.LightningModule):
         value = loss.detach()
         self.losses[f"{stage}_loss"].update(value.expand(len(batch["labels"])))
         if stage == "train" and self._writes_step_logs():
-            self.log("train/loss_step", value, on_step=True, on_epoch=False, prog_bar=True)
+            # every rank logs at the same steps; sync_dist: the mean over the ranks' equal-sized batches, i.e. the
+            # loss of the global batch, as one process would log it (one all-reduce per logged step)
+            self.log("train/loss_step", value, on_step=True, on_epoch=False, prog_bar=True, sync_dist=True)
         return loss
 
     def _writes_step_logs(self) -> bool:
