@@ -16,15 +16,18 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+from pytorch_lightning.demos.boring_classes import BoringModel
 
 import ftlab.runs.jobs  # noqa: F401 - the ${ftlab.*} resolvers and the sweeper's configs, as ftlab-train has them
 from ftlab import cli, report
 from ftlab.search import space
+from ftlab.search.pruning import OptunaPruning, Pruned
 from ftlab.search.study import INTERRUPTED, JOB_FAILED, RETRY_OF, open_storage
 from ftlab.utils.errors import ConfigError
 
@@ -270,3 +273,41 @@ def test_a_bad_search_setting_stops_ftlab_train_before_anything_runs(
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("ftlab: error: ") and message in err
     assert not any(tmp_path.iterdir())  # no sweep folder
+
+
+class _LoggedLoss(BoringModel):
+    def validation_step(self, batch, batch_idx):
+        loss = self.step(batch)
+        self.log("val/loss", loss)
+        return loss
+
+
+def _trainer(callback: OptunaPruning, tmp_path: Path) -> pl.Trainer:
+    """Two epochs of 4 steps, validated every 2 steps."""
+    return pl.Trainer(max_epochs=2, limit_train_batches=4, limit_val_batches=1, val_check_interval=0.5,
+                      num_sanity_val_steps=0, callbacks=[callback], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+
+
+def test_every_validation_is_reported_and_a_pruned_trial_stops_inside_the_epoch(tmp_path):
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    callback = OptunaPruning(study.ask(), "val/loss")
+    trainer = _trainer(callback, tmp_path)
+    trainer.fit(_LoggedLoss())
+    assert sorted(study.trials[0].intermediate_values) == [
+        1,
+        2,
+        3,
+        4,
+    ]  # two validations per epoch, two epochs
+    assert (
+        trainer.global_step == 8 and callback.record is None and study.trials[0].state == TrialState.RUNNING
+    )
+
+    study = optuna.create_study(pruner=optuna.pruners.ThresholdPruner(upper=-1.0))  # any loss is above -1
+    callback = OptunaPruning(study.ask(), "val/loss")
+    trainer = _trainer(callback, tmp_path)
+    with pytest.raises(Pruned, match=r"pruned at validation 1 \(epoch 0\): val/loss="):
+        trainer.fit(_LoggedLoss())
+    assert trainer.global_step == 2  # stopped at the first validation, in the middle of epoch 0
+    assert callback.record["global_step"] == 2 and study.trials[0].state == TrialState.PRUNED
