@@ -177,17 +177,23 @@ def test_resume_falls_back_to_the_previous_good_checkpoint_with_a_warning(tmp_pa
     assert "last.ckpt could not be read" in caplog.text and "previous good checkpoint" in caplog.text
 
 
-@pytest.mark.slow  # five tiny runs in subprocesses: about a minute of CPU
-def test_runs_killed_inside_checkpoint_writes_resume_to_the_uninterrupted_metrics(tmp_path):
+@pytest.mark.slow  # six tiny runs in subprocesses: about a minute of CPU
+def test_runs_and_sweeps_killed_inside_checkpoint_writes_resume_to_the_uninterrupted_metrics(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import fault_injection
     finally:
         sys.path.pop(0)
-    summary = fault_injection.main(["--cases", "checkpoint_epoch0_save2,damaged_last", "--random", "0",
-                                    "--out", str(tmp_path)])  # fmt: skip
-    assert (summary["kills"], summary["recovered"], summary["lost"]) == (2, 2, 0), summary
-    assert [c["fell_back"] for c in summary["cases"]] == [False, True]  # damaged last.ckpt: best.ckpt used
+    run = fault_injection.main(["--cases", "damaged_last", "--random", "0", "--out", str(tmp_path)])
+    assert (run["kills"], run["recovered"], run["lost"]) == (1, 1, 0), run
+    assert run["cases"][0]["fell_back"]  # last.ckpt cut off after the kill: best.ckpt used, with a warning
+
+    # a two-job sweep, its second job killed between writing best.ckpt and last.ckpt; -m ... resume=<sweep>
+    sweep = fault_injection.main(["--sweep", "--cases", "checkpoint_epoch0_save2#2", "--random", "0",
+                                  "--out", str(tmp_path)])  # fmt: skip
+    assert (sweep["kills"], sweep["recovered"], sweep["lost"]) == (1, 1, 0), sweep
+    jobs = tmp_path / "sweep_checkpoint_epoch0_save2_n2"
+    assert [read_json(jobs / j / "status.json")["status"] for j in "01"] == ["completed", "completed"]
 
 
 def test_a_write_that_fails_leaves_the_previous_file_whole_and_no_temporary(tmp_path, monkeypatch):
