@@ -10,10 +10,10 @@ DATA=${1:-instruct_rotten_tomatoes}
 STEPS=${2:-16}
 TEST=${3:-48}
 COMMON=(experiment=instruct_smollm2 "data=$DATA" trainer.accelerator=cpu trainer.devices=1
-  "data.max_eval_examples=$TEST" "module.generate_examples=$TEST" data.eval_batch_size=16
+  "data.max_eval_examples=$TEST" data.max_length=128 "module.generate_examples=$TEST" data.eval_batch_size=16
   trainer.num_sanity_val_steps=0 callbacks.progress_bar.kind=log logger=csv)
 # before: nothing trains (max_steps=0, no checkpoint), the test stage scores the model as loaded
 .venv/bin/ftlab-train "${COMMON[@]}" +trainer.max_steps=0 "name=instruct_zero_shot_${DATA#instruct_}"
 # after: LoRA for STEPS steps of 4 examples (one epoch over STEPS*4 training examples), then the same test slice
 .venv/bin/ftlab-train "${COMMON[@]}" data.batch_size=4 "data.max_train_examples=$((STEPS * 4))" \
-  trainer.max_epochs=1 trainer.limit_val_batches=0 "name=instruct_lora_${DATA#instruct_}"
+  trainer.max_epochs=1 trainer.limit_val_batches=0 callbacks.early_stopping=null "name=instruct_lora_${DATA#instruct_}"
