@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ftlab import search
 from ftlab.callbacks import BestScore, EpochSeed
 from ftlab.checks.check import required_problems
+from ftlab.distill import attach_teacher
 from ftlab.finetuning.feature_cache import maybe_cache_features
 from ftlab.finetuning.sharding import full_state_dict
 from ftlab.lr_finder import tuned_lr
@@ -59,6 +60,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     missing = required_problems(cfg)  # the CLI checked it already; train(cfg) from Python too
     if missing:
         raise ConfigError(" ".join(missing))
+    if cfg.get("zero_shot"):  # zero_shot=embedding: nothing trains; validate, test, record (ftlab.zero_shot)
+        from ftlab.zero_shot import run
+
+        return run(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = folder.resume_checkpoint(output_dir) if cfg.get("resume") else None
@@ -110,6 +115,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = _instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
     )
+    if (cfg.get("distill") or {}).get("teacher"):  # the teacher's logits computed once (ftlab.distill)
+        datamodule = attach_teacher(
+            cfg.distill, module, datamodule, cfg.paths.cache_dir, trainer.strategy.root_device
+        )
     if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
         datamodule = maybe_cache_features(
             module,

@@ -74,6 +74,7 @@ class FinetuneModule(pl.LightningModule):
         self.backbone, self.head, self.policy, self.task = backbone, head, policy, task
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.adversarial = adversarial
+        self.distiller: Any = None  # knowledge distillation's training loss (ftlab.distill.attach_teacher)
         self.lr_search = False  # tune.lr's search is running (ftlab.lr_finder)
         self.fixed = policy.prepare(backbone)  # re-init, PEFT wrapping: before the groups are built
         self.groups = build_groups(backbone, head)
@@ -174,7 +175,10 @@ class FinetuneModule(pl.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         logits = self(batch)
-        loss = self.loss(logits, batch["labels"])
+        if stage == "train" and self.distiller is not None:  # alpha*CE + (1-alpha)*T^2*KL (ftlab.distill)
+            loss = self.distiller.loss(self, logits, batch)
+        else:
+            loss = self.loss(logits, batch["labels"])
         # Metric and loss states are updated per step and computed (and synced across ranks) once per epoch: no
         # self.log per step, which costs ~1 ms of Python (Lightning's result collection) for a value written only
         # every log_every_n_steps.

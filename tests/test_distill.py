@@ -1,0 +1,127 @@
+"""Knowledge distillation (ftlab.distill): the loss, a teacher run distilled into a student run, the cached
+teacher logits (no teacher forward in the student's steps), label mismatches, and shallower students."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from ftlab import distill
+from ftlab.train import train
+from ftlab.utils.errors import ConfigError
+
+from conftest import compose_cfg, tiny_reviews, tiny_text_overrides
+
+
+def _run(tmp: Path, csv: Path, name: str, extra: list[str]) -> tuple[Path, dict]:
+    out = tmp / name
+    cfg = compose_cfg(tiny_text_overrides(csv, tmp) + ["trainer.max_epochs=2", *extra], out)
+    metrics = train(cfg)
+    (out / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # what a Hydra run writes; train() alone does not
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("teacher")
+    csv = tmp / "reviews.csv"
+    tiny_reviews().to_csv(csv, index=False)
+    run_dir, _ = _run(tmp, csv, "teacher", [])
+    return run_dir, csv
+
+
+def test_loss_is_hintons_formula_by_hand():
+    student = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0]])
+    teacher = torch.tensor([[1.0, 0.0, -1.0], [-2.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 2])
+    alpha, t = 0.3, 4.0
+    hard = F.cross_entropy(student, labels)
+    p = torch.softmax(teacher / t, -1)
+    q = torch.softmax(student / t, -1)
+    kl = (p * (p.log() - q.log())).sum(-1).mean()  # KL(p_teacher || p_student), mean over the batch
+    expected = alpha * hard + (1 - alpha) * t * t * kl
+    got = distill.distillation_loss(student, teacher, hard, alpha, t)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert distill.distillation_loss(student, teacher, hard, 1.0, t) == hard  # alpha=1: plain CE
+    # alpha=0 and the student equal to the teacher: nothing left to learn
+    assert distill.distillation_loss(teacher, teacher, hard, 0.0, t).abs() < 1e-6
+
+
+@pytest.mark.parametrize("alpha, temperature", [(1.5, 2.0), (0.5, 0.0)])
+def test_bad_alpha_or_temperature_is_named(alpha, temperature):
+    with pytest.raises(ConfigError, match="distill.alpha|distill.temperature"):
+        distill.Distiller(torch.nn.Linear(2, 2), alpha, temperature)
+
+
+def test_student_learns_from_cached_teacher_logits_without_teacher_forward(teacher, tmp_path, monkeypatch):
+    run_dir, csv = teacher
+    loaded: list = []  # (teacher run, its weights when loaded)
+    computed: list = []  # the teacher's passes over the training split
+    forwards: list = []  # teacher passes inside the student's training steps
+    checked: list = []
+    load, compute, loss = distill.load_teacher, distill.compute_teacher_logits, distill.Distiller.loss
+
+    def load_spy(*args):
+        run = load(*args)
+        loaded.append((run, {k: v.clone() for k, v in run.module.state_dict().items()}))
+        return run
+
+    def loss_spy(self, module, logits, batch):
+        with torch.no_grad():  # the cached logits are the teacher's own on these very examples
+            checked.append(torch.allclose(batch["teacher_logits"], self.teacher(batch), atol=1e-5))
+        return loss(self, module, logits, batch)
+
+    monkeypatch.setattr(distill, "load_teacher", load_spy)
+    monkeypatch.setattr(
+        distill, "compute_teacher_logits", lambda *a: computed.append(compute(*a)) or computed[-1]
+    )
+    monkeypatch.setattr(distill.Distiller, "teacher_logits", lambda self, batch: forwards.append(1))
+    monkeypatch.setattr(distill.Distiller, "loss", loss_spy)
+    student = [f"distill.teacher={run_dir}", "model.backbone.config_overrides.num_hidden_layers=1"]
+    _, metrics = _run(tmp_path, csv, "student", student)
+    assert "test/acc" in metrics
+    assert len(computed) == 1 and computed[0].shape[1] == 2  # one pass over the training split
+    assert checked and all(checked)  # every training batch carried the teacher's logits, and the right ones
+    assert forwards == []  # no teacher forward in the student's steps
+    run, before = loaded[0]
+    after = run.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the teacher never moved
+    assert not any(p.requires_grad for p in run.module.parameters()) and not run.module.training
+    # a second student reads the cached logits from disk: no teacher pass at all
+    _run(tmp_path, csv, "student2", student)
+    assert len(computed) == 1 and len(loaded) == 2 and forwards == []
+
+
+def test_mismatched_labels_are_a_clear_error(teacher, tmp_path):
+    run_dir, _ = teacher
+    frame = tiny_reviews()
+    frame["stars"] = frame["stars"].map({"pos": "good", "neg": "bad"})
+    csv = tmp_path / "other.csv"
+    frame.to_csv(csv, index=False)
+    cfg = compose_cfg(tiny_text_overrides(csv, tmp_path) + [f"distill.teacher={run_dir}"], tmp_path / "s")
+    with pytest.raises(ConfigError, match=r"\['neg', 'pos'\].*\['bad', 'good'\]"):
+        train(cfg)
+
+
+def test_uncached_distillation_runs_the_teacher_every_step(teacher, tmp_path, monkeypatch):
+    run_dir, csv = teacher
+    forwards: list = []
+    original = distill.Distiller.teacher_logits
+
+    def spy(self, batch):
+        forwards.append(len(batch["labels"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(distill.Distiller, "teacher_logits", spy)
+    _run(
+        tmp_path,
+        csv,
+        "uncached",
+        [f"distill.teacher={run_dir}", "distill.cache=false", "trainer.max_epochs=1"],
+    )
+    assert sum(forwards) == 64  # one epoch: every training example (80 rows, 10% validation, 10% test) once
