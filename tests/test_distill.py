@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from ftlab import distill
+from ftlab.models.backbones import HFTextBackbone
 from ftlab.train import train
 from ftlab.utils.errors import ConfigError
 
@@ -125,3 +126,24 @@ def test_uncached_distillation_runs_the_teacher_every_step(teacher, tmp_path, mo
         [f"distill.teacher={run_dir}", "distill.cache=false", "trainer.max_epochs=1"],
     )
     assert sum(forwards) == 64  # one epoch: every training example (80 rows, 10% validation, 10% test) once
+
+
+def test_num_layers_keeps_every_other_pretrained_layer():
+    full = HFTextBackbone("embedded:all-MiniLM-L6-v2")
+    student = HFTextBackbone("embedded:all-MiniLM-L6-v2", num_layers=3)
+    names = [name for name, _ in student.layer_groups()]
+    assert names == ["embeddings", "layer.0", "layer.1", "layer.2"]
+    assert student.model.config.num_hidden_layers == 3
+    for kept, source in zip(range(3), (0, 2, 4), strict=True):  # DistilBERT-style: one layer in two
+        mine, theirs = (
+            student.model.encoder.layer[kept].state_dict(),
+            full.model.encoder.layer[source].state_dict(),
+        )
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    batch = {
+        "input_ids": torch.tensor([[101, 2204, 102]]),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+    }
+    assert student(batch).shape == (1, 384)
+    with pytest.raises(ConfigError, match="model.backbone.num_layers=7"):
+        HFTextBackbone("embedded:all-MiniLM-L6-v2", num_layers=7)

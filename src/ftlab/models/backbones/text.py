@@ -47,6 +47,15 @@ def _get(module: Any, path: str) -> Any:
     return module
 
 
+def _layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of blocks (:data:`LAYER_PATHS`, else the longest ``ModuleList``)."""
+    layers = next((_get(model, p) for p in LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None)
+    if layers is None:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+        layers = max(lists, key=len) if lists else nn.ModuleList()
+    return layers
+
+
 class HFTextBackbone(nn.Module):
     """An ``AutoModel`` encoder from a local folder, a hub name or ``embedded:<name>``, pooled to one vector.
 
@@ -60,6 +69,8 @@ class HFTextBackbone(nn.Module):
         checkpoint: an earlier ftlab run folder, ``.ckpt`` or ``backbone.pt`` (e.g. a ``task=masked_lm`` run):
             its backbone weights replace these (weights-only; the architecture must be the same).
         checkpoint_groups: copy only the bottom n layer groups of ``checkpoint`` (embeddings, layer.0, ...).
+        num_layers: keep k evenly spaced encoder layers (every other one for 6 -> 3, as DistilBERT was initialised)
+            with their weights (pretrained or from ``checkpoint``): a shallower student for ``distill.teacher``.
     """
 
     def __init__(
@@ -72,6 +83,7 @@ class HFTextBackbone(nn.Module):
         trust_remote_code: bool = False,
         checkpoint: str | None = None,
         checkpoint_groups: int | None = None,
+        num_layers: int | None = None,
     ):
         super().__init__()
         if pooling not in POOLING:
@@ -111,16 +123,24 @@ class HFTextBackbone(nn.Module):
         limit = getattr(config, "max_position_embeddings", 512) or 512
         self.preprocessing = TextPreprocessing(tokenizer=path, max_length=int(limit))
         self.loaded_checkpoint = load_backbone_checkpoint(self, checkpoint, checkpoint_groups)
+        if num_layers is not None:  # after loading: a fine-tuned teacher's encoder can be thinned too
+            self._keep_layers(int(num_layers))
+
+    def _keep_layers(self, k: int) -> None:
+        """Keep layers ``i * n // k`` (i < k) of the n encoder layers: 6 -> 3 keeps 0, 2, 4."""
+        layers = _layers(self.model)
+        n = len(layers)
+        if not 1 <= k <= n:
+            raise ConfigError(f"model.backbone.num_layers={k}: this encoder has {n} layers; give 1 to {n}.")
+        kept = [layers[i * n // k] for i in range(k)]
+        del layers[:]  # emptied and refilled in place: the encoder keeps the same ModuleList
+        layers.extend(kept)
+        self.model.config.num_hidden_layers = k
 
     def layer_groups(self) -> list[tuple[str, list[nn.Module]]]:
         """``embeddings``, ``layer.0`` ... ``layer.{n-1}``, then ``pooler`` if kept; leftovers join the top layer."""
         model = self.model
-        layers = next(
-            (_get(model, p) for p in LAYER_PATHS if isinstance(_get(model, p), nn.ModuleList)), None
-        )
-        if layers is None:
-            lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-            layers = max(lists, key=len) if lists else nn.ModuleList()
+        layers = _layers(model)
         embeddings = getattr(model, "embeddings", None) or model.get_input_embeddings()
         groups: list[tuple[str, list[nn.Module]]] = [("embeddings", [embeddings])]
         groups += [(f"layer.{i}", [block]) for i, block in enumerate(layers)]
