@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from ftlab import distill
 from ftlab.models.backbones import HFTextBackbone
+from ftlab.runs.rebuild import load_run
 from ftlab.train import train
 from ftlab.utils.errors import ConfigError
 
@@ -83,9 +84,19 @@ def test_student_learns_from_cached_teacher_logits_without_teacher_forward(teach
     )
     monkeypatch.setattr(distill.Distiller, "teacher_logits", lambda self, batch: forwards.append(1))
     monkeypatch.setattr(distill.Distiller, "loss", loss_spy)
-    student = [f"distill.teacher={run_dir}", "model.backbone.config_overrides.num_hidden_layers=1"]
-    _, metrics = _run(tmp_path, csv, "student", student)
-    assert "test/acc" in metrics
+    # DistilBERT's recipe: the student is the teacher's encoder with one layer in two
+    student = [
+        f"distill.teacher={run_dir}",
+        f"model.backbone.checkpoint={run_dir}",
+        "model.backbone.num_layers=1",
+    ]
+    student_dir, metrics = _run(tmp_path, csv, "student", student)
+    assert (
+        metrics["test/acc"] >= 0.5
+        and metrics["total_params"] < loaded[0][0].module.parameter_counts()["total_params"]
+    )
+    rebuilt = load_run(student_dir).module  # eval/predict/export rebuild the shallower student
+    assert rebuilt.backbone.model.config.num_hidden_layers == 1
     assert len(computed) == 1 and computed[0].shape[1] == 2  # one pass over the training split
     assert checked and all(checked)  # every training batch carried the teacher's logits, and the right ones
     assert forwards == []  # no teacher forward in the student's steps
@@ -147,3 +158,34 @@ def test_num_layers_keeps_every_other_pretrained_layer():
     assert student(batch).shape == (1, 384)
     with pytest.raises(ConfigError, match="model.backbone.num_layers=7"):
         HFTextBackbone("embedded:all-MiniLM-L6-v2", num_layers=7)
+
+
+def test_a_thinned_teacher_encoder_keeps_the_chosen_layer(teacher):
+    run_dir, _ = teacher
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    tiny["max_position_embeddings"] = 128
+    kept = HFTextBackbone(
+        "embedded:all-MiniLM-L6-v2",
+        pretrained=False,
+        config_overrides=tiny,
+        checkpoint=str(run_dir),
+        num_layers=1,
+    )
+    source = load_run(run_dir).module.backbone
+    mine, theirs = kept.model.encoder.layer[0].state_dict(), source.model.encoder.layer[0].state_dict()
+    assert len(kept.model.encoder.layer) == 1 and all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    embeddings = kept.model.embeddings.word_embeddings.weight
+    assert torch.equal(embeddings, source.model.embeddings.word_embeddings.weight)
+
+
+def test_alpha_one_trains_exactly_as_plain_cross_entropy(teacher, tmp_path):
+    run_dir, csv = teacher
+    _, plain = _run(tmp_path, csv, "plain", ["trainer.max_epochs=1"])
+    _, hard = _run(
+        tmp_path, csv, "hard", ["trainer.max_epochs=1", f"distill.teacher={run_dir}", "distill.alpha=1.0"]
+    )
+    _, soft = _run(
+        tmp_path, csv, "soft", ["trainer.max_epochs=1", f"distill.teacher={run_dir}", "distill.alpha=0.0"]
+    )
+    assert hard["test/loss"] == pytest.approx(plain["test/loss"], abs=1e-6)
+    assert soft["test/loss"] != pytest.approx(plain["test/loss"], abs=1e-4)  # the teacher's outputs do steer
