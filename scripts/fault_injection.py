@@ -115,6 +115,7 @@ def _case(
     fault = None if kill_after else (damaged if name == "damaged_last" else name)
     code, log = _run(args, out, fault=fault, kill_after=kill_after)
     killed = code == -9
+    done = sum((job / "status.json").is_file() for job in _jobs(folder, sweep))  # jobs complete at the kill
     last = _jobs(folder, sweep)[-1] / "checkpoints/last.ckpt"
     if name == "damaged_last" and last.is_file():
         os.truncate(last, last.stat().st_size // 2)
@@ -127,8 +128,8 @@ def _case(
         for got, want in zip(finals, expected, strict=True)
         for k in COMPARED
     )
-    return {"case": name, "sweep": sweep, "killed": killed, "resumed_exit": code, "equal": equal,
-            "fell_back": "trying the previous good checkpoint" in log, "log_tail": "" if equal else log[-1500:]}  # fmt: skip
+    return {"case": name, "sweep": sweep, "killed": killed, "jobs_done_at_kill": done, "resumed_exit": code,
+            "equal": equal, "fell_back": "trying the previous good checkpoint" in log, "log_tail": "" if equal else log[-1500:]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
