@@ -189,3 +189,49 @@ def test_alpha_one_trains_exactly_as_plain_cross_entropy(teacher, tmp_path):
     )
     assert hard["test/loss"] == pytest.approx(plain["test/loss"], abs=1e-6)
     assert soft["test/loss"] != pytest.approx(plain["test/loss"], abs=1e-4)  # the teacher's outputs do steer
+
+
+def test_transfer_rows_have_the_soft_term_only():
+    student = torch.tensor([[2.0, -1.0], [0.0, 1.0], [1.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0], [-2.0, 2.0], [3.0, 0.0]])
+    labels = torch.tensor([0, -1, 1])
+    labelled = labels >= 0
+    module = type("M", (), {"loss": staticmethod(F.cross_entropy)})()
+    distiller = distill.Distiller(torch.nn.Linear(2, 2), alpha=0.4, temperature=3.0)
+    batch = {"labels": labels, "teacher_logits": teacher, "labelled": labelled}
+    hard = F.cross_entropy(student[labelled], labels[labelled])  # the mean over the labelled rows only
+    expected = distill.distillation_loss(student, teacher, hard, 0.4, 3.0)
+    assert torch.allclose(distiller.loss(module, student, batch), expected)
+    none = {
+        "labels": torch.tensor([-1, -1]),
+        "teacher_logits": teacher[:2],
+        "labelled": torch.tensor([False, False]),
+    }
+    soft_only = distill.distillation_loss(student[:2], teacher[:2], torch.tensor(0.0), 0.4, 3.0)
+    assert torch.allclose(distiller.loss(module, student[:2], none), soft_only)
+
+
+def test_a_transfer_set_of_unlabelled_texts_is_taught_by_the_teacher(teacher, tmp_path, monkeypatch):
+    run_dir, csv = teacher
+    texts = [f"an unlabelled review number {i}, {'great' if i % 2 else 'dull'}" for i in range(24)]
+    transfer = tmp_path / "transfer.txt"
+    transfer.write_text("\n".join(texts) + "\n\n")
+    computed: list = []
+    batches: list = []
+    compute, loss = distill.compute_teacher_logits, distill.Distiller.loss
+    monkeypatch.setattr(
+        distill, "compute_teacher_logits", lambda *a: computed.append(compute(*a)) or computed[-1]
+    )
+    monkeypatch.setattr(
+        distill.Distiller,
+        "loss",
+        lambda self, m, z, b: batches.append(b["labelled"].cpu()) or loss(self, m, z, b),
+    )
+    overrides = [f"distill.teacher={run_dir}", f"distill.transfer={transfer}", "trainer.max_epochs=1"]
+    _, metrics = _run(tmp_path, csv, "transfer", overrides)
+    assert computed[0].shape == (64 + 24, 2)  # the training split, then the transfer texts
+    seen = torch.cat(batches)
+    assert (~seen).sum() == 24 and seen.sum() == 64  # one epoch: each labelled and each transfer text once
+    assert "test/acc" in metrics
+    with pytest.raises(ConfigError, match="distill.transfer=.*no such file"):
+        distill.read_transfer(tmp_path / "missing.txt")

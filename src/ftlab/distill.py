@@ -85,8 +85,15 @@ class Distiller:
         return self.teacher(batch)
 
     def loss(self, module: Any, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The distillation loss of the student's ``logits`` on a training batch."""
-        hard = module.loss(logits, batch["labels"])
+        """The distillation loss of the student's ``logits`` on a training batch; transfer-set rows (``labelled``
+        false) have the soft term only."""
+        labelled = batch.get("labelled")
+        if labelled is None:
+            hard = module.loss(logits, batch["labels"])
+        elif bool(labelled.any()):  # the label loss's mean over the labelled rows only
+            hard = module.loss(logits[labelled], batch["labels"][labelled])
+        else:
+            hard = logits.sum() * 0.0
         if self.alpha >= 1.0:
             return hard
         teacher = batch.get("teacher_logits")
@@ -134,12 +141,14 @@ class TeacherLogitsDataset(Dataset):
 class TeacherCollator:
     """The data module's collator, plus the items' ``teacher_logits`` stacked to (B, C)."""
 
-    def __init__(self, inner: Any):
-        self.inner = inner
+    def __init__(self, inner: Any, transfer: bool = False):
+        self.inner, self.transfer = inner, transfer
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.inner([{k: v for k, v in item.items() if k != "teacher_logits"} for item in items])
         batch["teacher_logits"] = torch.stack([item["teacher_logits"] for item in items])
+        if self.transfer:  # transfer-set rows carry label -1: no label loss, no training metrics
+            batch["labelled"] = batch["labels"] >= 0
         return batch
 
 
@@ -147,9 +156,10 @@ class DistillDataModule(TensorDictDataModule):
     """``source`` with its training batches carrying the teacher's cached logits; everything else is the source's
     (same sampler, same batches, so a run matches its undistilled twin's data order)."""
 
-    def __init__(self, source: Any, logits: torch.Tensor):
+    def __init__(self, source: Any, logits: torch.Tensor, train: Any = None):
         super().__init__()
-        self.source, self.logits = source, logits
+        # train: the training split plus a transfer set's unlabelled texts (labels -1), else the source's own
+        self.source, self.logits, self.train = source, logits, train
 
     def __getattr__(self, name: str) -> Any:
         if name == "source" or "source" not in self.__dict__:
@@ -162,13 +172,13 @@ class DistillDataModule(TensorDictDataModule):
     def train_dataloader(self) -> DataLoader:
         source = self.source
         source.trainer = self.trainer  # the sampler reads the epoch and DDP rank from it
-        dataset = source.datasets["train"]
+        dataset = source.datasets["train"] if self.train is None else self.train
         sampler = resume_sampler(source.train_sampler(dataset), self.trainer, source.batch_size)
         return DataLoader(
             TeacherLogitsDataset(dataset, self.logits),
             batch_size=source.batch_size,
             sampler=sampler,
-            collate_fn=TeacherCollator(source.collator()),
+            collate_fn=TeacherCollator(source.collator(), transfer=self.train is not None),
             **loader_settings(source.num_workers, source.pin_memory, self.trainer),
         )
 
@@ -184,8 +194,60 @@ class DistillDataModule(TensorDictDataModule):
         return self.source.state_dict()
 
 
-def _teacher_items(run: Any, datamodule: Any) -> tuple[list[dict[str, Any]], Any]:
-    """The training split encoded for the teacher (its own tokenizer and max length) and the teacher's collator."""
+def read_transfer(path: str | Path, column: str = "text") -> list[str]:
+    """The transfer set's texts: a ``.txt`` file (one text per line, blank lines skipped) or a CSV / JSONL /
+    Parquet table's ``column``."""
+    import pandas as pd
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"distill.transfer={path}: no such file. Give a .txt file (one text per line) or a table."
+        )
+    if file.suffix == ".txt":
+        return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    readers = {
+        ".csv": pd.read_csv,
+        ".jsonl": lambda f: pd.read_json(f, lines=True),
+        ".parquet": pd.read_parquet,
+    }
+    if file.suffix not in readers:
+        raise ConfigError(f"distill.transfer={path}: use a .txt, .csv, .jsonl or .parquet file.")
+    table = readers[file.suffix](file)
+    if column not in table.columns:
+        raise ConfigError(
+            f"distill.transfer={path} has no column {column!r} (columns: {', '.join(map(str, table.columns))}); "
+            "name the text column with distill.transfer_column=<name>."
+        )
+    return table[column].dropna().astype(str).tolist()
+
+
+def with_transfer(datamodule: Any, texts: list[str]) -> Any:
+    """The training split followed by the transfer texts (student-tokenized, label -1), one ``TokenizedText``, so
+    the data module's own sampler (length buckets included) draws from both."""
+    from ftlab.data.text import TokenizedText, tokenize_cached
+
+    train = datamodule.datasets["train"]
+    if type(train) is not TokenizedText or train.type_ids is not None or np.asarray(train.labels).ndim != 1:
+        raise ConfigError(
+            "distill.transfer adds single unlabelled texts to a single-text, single-label training split "
+            f"({type(train).__name__}{', text pairs' if getattr(train, 'type_ids', None) is not None else ''}); "
+            "text pairs, multi-label data and data.text_augment are not supported with it."
+        )
+    extra = tokenize_cached(datamodule.tokenizer, texts, None, datamodule.max_length, None)
+    arrays = {
+        "input_ids": np.concatenate([train.ids, extra["input_ids"].astype(train.ids.dtype)]),
+        "offsets": np.concatenate([train.offsets, extra["offsets"][1:] + train.offsets[-1]]),
+    }
+    labels = np.concatenate(
+        [np.asarray(train.labels), np.full(len(texts), -1, dtype=np.asarray(train.labels).dtype)]
+    )
+    return TokenizedText(arrays, labels)
+
+
+def _teacher_items(run: Any, datamodule: Any, transfer: list[str]) -> tuple[list[dict[str, Any]], Any]:
+    """The training split (then the transfer texts) encoded for the teacher (its own tokenizer and max length) and
+    the teacher's collator."""
     from ftlab.runs.rebuild import datamodule_for
 
     if not hasattr(datamodule, "raw_inputs"):
@@ -195,7 +257,8 @@ def _teacher_items(run: Any, datamodule: Any) -> tuple[list[dict[str, Any]], Any
         )
     texts, pairs = datamodule.raw_inputs("train")
     teacher_data = datamodule_for(run, setup=False)
-    return teacher_data.encode(texts, pairs), teacher_data.collator(cuda=False)
+    items = teacher_data.encode(texts, pairs) + (teacher_data.encode(transfer) if transfer else [])
+    return items, teacher_data.collator(cuda=False)
 
 
 def _cache_key(ckpt_path: Path, items: list[dict[str, Any]]) -> str:
@@ -235,6 +298,16 @@ def attach_teacher(
     distiller = Distiller(run.module, distill.get("alpha", 0.5), distill.get("temperature", 2.0))
     module.distiller = distiller
     blocker = datamodule.feature_cache_blocker()
+    transfer = (
+        read_transfer(distill.transfer, distill.get("transfer_column", "text"))
+        if distill.get("transfer")
+        else []
+    )
+    if transfer and (blocker is not None or not distill.get("cache", True)):
+        raise ConfigError(
+            f"distill.transfer={distill.transfer} needs the teacher's outputs cached (distill.cache=true, no "
+            f"data.text_augment{'' if blocker is None else ': ' + blocker})."
+        )
     if not distill.get("cache", True) or blocker is not None:
         student, teacher = module.backbone.preprocessing, run.module.backbone.preprocessing
         if student != teacher:
@@ -248,7 +321,8 @@ def attach_teacher(
             "Distillation: the teacher runs on every training batch (%s).", blocker or "distill.cache=false"
         )
         return datamodule
-    items, collate = _teacher_items(run, datamodule)
+    train = with_transfer(datamodule, transfer) if transfer else None  # checked before the teacher's pass
+    items, collate = _teacher_items(run, datamodule, transfer)
     key = _cache_key(run.ckpt_path, items)
     path = Path(cache_dir).expanduser() / "teacher" / f"{key}.pt" if cache_dir else None
     logits = read_cached_tensors(path) if path is not None else None  # weights_only; damaged: recomputed
@@ -262,4 +336,4 @@ def attach_teacher(
         log.info("Distillation: the teacher's logits computed once for %d training examples.", len(logits))
     else:
         log.info("Distillation: the teacher's logits read from %s.", path)
-    return DistillDataModule(datamodule, logits)
+    return DistillDataModule(datamodule, logits, train)

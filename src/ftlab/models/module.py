@@ -182,8 +182,12 @@ class FinetuneModule(pl.LightningModule):
         # Metric and loss states are updated per step and computed (and synced across ranks) once per epoch: no
         # self.log per step, which costs ~1 ms of Python (Lightning's result collection) for a value written only
         # every log_every_n_steps.
-        detached = logits.detach()
-        self.task.update_metrics(self.metrics[f"{stage}_metrics"], detached, batch["labels"])
+        detached, labels = logits.detach(), batch["labels"]
+        # a distillation transfer set's unlabelled rows have no metrics (ftlab.distill)
+        if "labelled" in batch:
+            detached, labels = detached[batch["labelled"]], labels[batch["labelled"]]
+        if len(labels):  # (a batch of transfer rows alone has none)
+            self.task.update_metrics(self.metrics[f"{stage}_metrics"], detached, labels)
         # the batch mean repeated per example = weighted by batch size; MeanMetric's own `weight` argument is
         # ignored under nan_strategy="disable" (torchmetrics 1.9), the setting that spares a host sync per step
         value = loss.detach()
