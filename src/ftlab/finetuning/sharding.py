@@ -136,7 +136,8 @@ def full_state_dict(strategy: Any, module: nn.Module) -> dict[str, torch.Tensor]
         return module.state_dict()
     from lightning_fabric.strategies.fsdp import _get_full_state_dict_context
 
-    with _get_full_state_dict_context(model, world_size=strategy.world_size):
+    context: Any = _get_full_state_dict_context(model, world_size=strategy.world_size)  # typed as a generator
+    with context:
         return model.state_dict()
 
 
