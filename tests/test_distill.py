@@ -118,6 +118,8 @@ def test_mismatched_labels_are_a_clear_error(teacher, tmp_path):
     cfg = compose_cfg(tiny_text_overrides(csv, tmp_path) + [f"distill.teacher={run_dir}"], tmp_path / "s")
     with pytest.raises(ConfigError, match=r"\['neg', 'pos'\].*\['bad', 'good'\]"):
         train(cfg)
+    with pytest.raises(ConfigError, match="distill.teacher=.*nowhere.*does not exist"):
+        distill.load_teacher(tmp_path / "nowhere", None)
 
 
 def test_uncached_distillation_runs_the_teacher_every_step(teacher, tmp_path, monkeypatch):

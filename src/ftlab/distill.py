@@ -105,8 +105,12 @@ class Distiller:
 def load_teacher(run_dir: str | Path, datamodule: Any) -> Any:
     """The teacher run (:class:`~ftlab.runs.rebuild.LoadedRun`) frozen in eval mode; its task and labels checked."""
     from ftlab.runs.rebuild import load_run
+    from ftlab.utils.errors import DataFileError
 
-    run = load_run(run_dir)
+    try:
+        run = load_run(run_dir)
+    except DataFileError as err:  # said in the key the user typed
+        raise ConfigError(f"distill.teacher={run_dir}: {err}") from None
     teacher = run.module
     task, names = teacher.task.name, run.label_names
     if task not in TASKS or datamodule.task != task:
