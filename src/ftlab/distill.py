@@ -267,9 +267,13 @@ def _teacher_items(run: Any, datamodule: Any, transfer: list[str]) -> tuple[list
 
 def _cache_key(ckpt_path: Path, items: list[dict[str, Any]]) -> str:
     digest = hashlib.sha256()
-    with open(ckpt_path, "rb") as f:  # the teacher's weights, byte for byte
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    # the teacher's weights, byte for byte (an FSDP sharded checkpoint is a folder: each of its files)
+    files = sorted(p for p in ckpt_path.rglob("*") if p.is_file()) if ckpt_path.is_dir() else [ckpt_path]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
     for item in items:  # the teacher's own token ids of every training example, in order
         for key in ("input_ids", "token_type_ids"):
             if key in item:
