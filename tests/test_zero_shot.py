@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -121,3 +122,72 @@ def test_minilm_zero_shot_beats_chance_on_clear_reviews(tmp_path):
     overrides = _overrides(tmp_path, "model=minilm", "zero_shot.label_words={pos:positive,neg:negative}")
     metrics = train(compose_cfg(overrides, tmp_path / "run"))
     assert metrics["test/acc"] >= 0.75
+
+
+# --- zero_shot=llm: label words scored by a causal LM (a tiny random Llama with a word-level tokenizer) -----------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> Path:
+    from test_causal_lm import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("llama"), chat_template=False)
+
+
+def _llm_overrides(tiny_llama: Path, tmp_path: Path, *extra: str) -> list[str]:
+    rows = [
+        {"text": "great film", "label": "fresh"},
+        {"text": "awful boring long film", "label": "rotten"},
+    ] * 20
+    csv = tmp_path / "films.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return [
+        "zero_shot=llm",
+        f"model.backbone.name_or_path={tiny_llama}",
+        "data=text_files",
+        f"data.train_file={csv}",
+        "data.val_fraction=0.25",
+        "data.test_fraction=0.5",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "callbacks.progress_bar.kind=log",
+        *extra,
+    ]
+
+
+def test_llm_label_scores_are_the_label_tokens_log_probabilities(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from ftlab.zero_shot_llm import label_log_likelihoods
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompts, words = (
+        [[5, 6, 7], [5, 8, 9, 10, 11, 6]],
+        [[12], [13, 14]],
+    )  # prompts of different lengths: padded
+    with torch.no_grad():
+        scores = label_log_likelihoods(model, prompts, words, pad_id=0)
+        for i, prompt in enumerate(prompts):
+            for c, word in enumerate(words):
+                log_probs = torch.log_softmax(model(input_ids=torch.tensor([prompt + word])).logits[0], -1)
+                expected = sum(log_probs[len(prompt) - 1 + j, token] for j, token in enumerate(word))
+                torch.testing.assert_close(scores[i, c], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_llm_zero_shot_run_writes_metrics_and_trains_nothing(tiny_llama, tmp_path):
+    cfg = compose_cfg(_llm_overrides(tiny_llama, tmp_path), tmp_path / "run")
+    assert cfg.model.backbone._target_.endswith("HFCausalLM")  # zero_shot=llm chose model=smollm2_lm
+    check_config(cfg, "train")
+    metrics = train(cfg)
+    assert metrics == read_json(tmp_path / "run/metrics.json")
+    assert {"test/acc", "test/f1", "test/loss", "best/val/acc"} <= set(metrics)
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["zero_shot"] == "llm"
+    assert metrics["trainable_params"] == 0 and metrics["total_params"] > 0
+
+
+def test_llm_prompt_without_text_field_is_a_config_error(tiny_llama, tmp_path):
+    cfg = compose_cfg(_llm_overrides(tiny_llama, tmp_path, "zero_shot.prompt=Sentiment:"), tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"must contain the field \{text\}"):
+        train(cfg)
+    assert not (tmp_path / "run/metrics.json").exists()

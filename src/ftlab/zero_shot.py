@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from ftlab.callbacks import BestScore
+from ftlab.models.module import FinetuneModule
 from ftlab.runs import folder
 from ftlab.runs.rebuild import build_module
 from ftlab.utils.devices import resolve_precision
@@ -105,6 +106,23 @@ class EmbeddingZeroShot:
             texts.append([t.format(label=w) for t in self.templates for w in words])
         return texts
 
+    def record(self) -> dict[str, Any]:
+        return {"zero_shot/templates": len(self.templates)}
+
+    def build(
+        self, cfg: DictConfig, backbone: Any, datamodule: Any, label_names: list[str], make: Any
+    ) -> tuple[pl.LightningModule, Any]:
+        """The usual :class:`FinetuneModule` with the label embeddings as its head, and the data module."""
+        module = build_module(cfg, backbone, len(label_names), label_names, make=make, task="classification")
+        if not isinstance(module.head, CosineHead):
+            raise ConfigError(
+                "zero_shot=embedding needs model.head._target_=ftlab.zero_shot.CosineHead (the zero_shot config "
+                f"sets it); the config has {cfg.model.head.get('_target_')}. Leave model.head as zero_shot sets it."
+            )
+        with torch.no_grad():
+            module.head.weight.copy_(self.label_embeddings(backbone, datamodule, label_names))
+        return module, datamodule
+
     @torch.inference_mode()
     def label_embeddings(self, backbone: nn.Module, datamodule: Any, label_names: list[str]) -> torch.Tensor:
         """(C, H): per label, the normalised mean of its descriptions' normalised embeddings."""
@@ -123,8 +141,8 @@ class EmbeddingZeroShot:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """``ftlab-train ... zero_shot=embedding``: build, fill the head from the label descriptions, validate, test,
-    save the module and write ``metrics.json``; returns the metrics."""
+    """``ftlab-train ... zero_shot=embedding|llm``: build (the embedding head, or the LLM scorer of
+    :mod:`ftlab.zero_shot_llm`), validate, test, save the module and write ``metrics.json``; returns the metrics."""
     from ftlab.train import _instantiate, _overrides, _summary  # the training run's own helpers
 
     start = time.perf_counter()
@@ -146,16 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"({getattr(datamodule, 'modality', '?')} data) is not single-label text classification."
         )
     label_names = list(datamodule.label_names)
-    module = build_module(
-        cfg, backbone, datamodule.num_classes, label_names, make=_instantiate, task="classification"
-    )
-    if not isinstance(module.head, CosineHead):
-        raise ConfigError(
-            f"zero_shot=embedding needs model.head._target_=ftlab.zero_shot.CosineHead (the zero_shot config sets "
-            f"it); the config has {cfg.model.head.get('_target_')}. Do not override model.head in a zero-shot run."
-        )
-    with torch.no_grad():
-        module.head.weight.copy_(zero_shot.label_embeddings(backbone, datamodule, label_names))
+    module, loaders = zero_shot.build(cfg, backbone, datamodule, label_names, _instantiate)
     module.requires_grad_(False)  # nothing trains: metrics.json says trainable_params=0
     counts = module.parameter_counts()
     datamodule.label_map.save(output_dir / folder.LABELS_FILE)
@@ -167,13 +176,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainer: pl.Trainer = _instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
     )
-    trainer.validate(module, datamodule=datamodule, verbose=False)
-    tested = trainer.test(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(output_dir / folder.BEST_CKPT, weights_only=True)  # for ftlab-eval / predict
+    trainer.validate(module, datamodule=loaders, verbose=False)
+    tested = trainer.test(module, datamodule=loaders, verbose=False)
+    if isinstance(module, FinetuneModule):  # a module ftlab-eval / ftlab-predict rebuild from the run folder
+        trainer.save_checkpoint(output_dir / folder.BEST_CKPT, weights_only=True)
 
     metrics: dict[str, Any] = dict(tested[0]) if tested else {}
     metrics.update(best.record(trainer), monitor=cfg.monitor, task=module.task.name, zero_shot=zero_shot.kind)
-    metrics["zero_shot/templates"] = len(zero_shot.templates)
+    metrics.update(zero_shot.record())
     metrics.update(counts)
     metrics.update(
         wall_time_s=round(time.perf_counter() - start, 2),
