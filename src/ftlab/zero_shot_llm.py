@@ -139,7 +139,9 @@ class LLMZeroShotModule(pl.LightningModule):
         prompts, labels = self.splits[split]
         items = list(zip(prompts, labels.tolist(), strict=True))
         return DataLoader(
-            items, batch_size=self.batch_size, collate_fn=lambda b: ([p for p, _ in b], [y for _, y in b])
+            items,  # type: ignore[arg-type]  # a list is a map-style dataset
+            batch_size=self.batch_size,
+            collate_fn=lambda b: ([p for p, _ in b], [y for _, y in b]),
         )
 
     def val_dataloader(self) -> DataLoader:
