@@ -21,7 +21,12 @@ from ftlab.train import train
 
 @pytest.mark.parametrize(
     ("model", "lr", "weight_decay", "warmup"),
-    [("minilm", 1e-4, 0.01, 0.1), ("bert", 5e-5, 0.01, 0.1), ("resnet18", 1e-3, 1e-4, 0.05)],
+    [
+        ("minilm", 1e-4, 0.01, 0.1),
+        ("bert", 5e-5, 0.01, 0.1),
+        ("resnet18", 1e-3, 1e-4, 0.05),
+        ("smollm2", 1e-5, 0.0, 0.03),
+    ],
 )
 def test_each_family_brings_its_optimizer_settings(model, lr, weight_decay, warmup):
     cfg = compose_cfg([f"model={model}"])
