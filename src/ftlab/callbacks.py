@@ -155,6 +155,10 @@ class LogProgress(ProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.training:  # validate() alone (a zero-shot run): no training epoch set the clock
+            self._start = time.perf_counter()
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         step = trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if self._enabled and self.every_n_steps and step % self.every_n_steps == 0:
