@@ -156,7 +156,7 @@ class LogProgress(ProgressBar):
         self._start = time.perf_counter()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.training:  # validate() alone (a zero-shot run): no training epoch set the clock
+        if trainer.state.fn != "fit":  # validate() alone (a zero-shot run): no training epoch set the clock
             self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
