@@ -242,3 +242,22 @@ def test_a_write_that_fails_leaves_the_previous_file_whole_and_no_temporary(tmp_
     for name, write in writers.items():  # the same writers, with room: the new file replaces the old one
         write(paths[name])
         assert paths[name].read_bytes() != b"the previous good file", name
+
+
+def test_an_export_that_fails_midway_leaves_the_earlier_model_file_and_no_temporary_file(tmp_path):
+    from ftlab.deploy.formats import _atomically
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"the earlier export")
+
+    def half_then_crash(tmp):
+        assert tmp.suffix == ".onnx" and tmp.parent == tmp_path  # exporters go by the suffix
+        tmp.write_bytes(b"half a")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        _atomically(model, half_then_crash)
+    assert model.read_bytes() == b"the earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    _atomically(model, lambda tmp: tmp.write_bytes(b"new"))
+    assert model.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1

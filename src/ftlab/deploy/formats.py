@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +68,18 @@ def max_abs_diff(expected: list[torch.Tensor], got: list[torch.Tensor]) -> float
     )
 
 
+def _atomically(path: Path, save: Any) -> None:
+    """``save(tmp)`` to a temporary name beside ``path`` (same suffix: exporters go by it), then rename: a killed
+    export never leaves half a model file under the real name."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{path.suffix}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_pt2(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> None:
     """``torch.export`` of :class:`LogitsModel` with dynamic batch (and sequence) axes, saved as ``.pt2``."""
     names = input_names(batch)
@@ -76,7 +91,7 @@ def save_pt2(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> N
         dynamic_shapes={"tensors": shapes},
         strict=False,
     )
-    torch.export.save(program, path)
+    _atomically(path, lambda tmp: torch.export.save(program, tmp))
 
 
 def export_pt2(module: nn.Module, batches: list[dict[str, torch.Tensor]], out: Path) -> list[torch.Tensor]:
@@ -113,16 +128,19 @@ def save_onnx(module: nn.Module, batch: dict[str, torch.Tensor], path: Path) -> 
         warnings.filterwarnings(
             "ignore", message=r"# The axis name: .* will not be used", category=UserWarning
         )
-        torch.onnx.export(
-            LogitsModel(module, names).eval(),
-            tuple(batch[n] for n in names),
-            str(path),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes={"tensors": dynamic_axes(batch, names)},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
+        _atomically(
+            path,
+            lambda tmp: torch.onnx.export(
+                LogitsModel(module, names).eval(),
+                tuple(batch[n] for n in names),
+                str(tmp),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_shapes={"tensors": dynamic_axes(batch, names)},
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            ),
         )
     return names
 
@@ -222,10 +240,17 @@ def export_hf(
         )
     classifier.weight.data.copy_(weight)
     classifier.bias.data.copy_(bias)
-    model.save_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(backbone.preprocessing.tokenizer)
     tokenizer.model_max_length = max_length  # training truncated here
-    tokenizer.save_pretrained(out)
+    # written into a temporary folder, then each file renamed into place (a killed export leaves no half file)
+    staging = out / f".hf.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for item in sorted(staging.iterdir()):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     loaded = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         return [loaded(**{k: v for k, v in b.items() if k != "labels"}).logits for b in batches]
