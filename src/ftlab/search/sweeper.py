@@ -24,6 +24,7 @@ from optuna.trial import Trial, TrialState
 from ftlab.search import space
 from ftlab.search import study as shared
 from ftlab.utils.errors import ConfigError
+from ftlab.utils.safe_files import write_text
 
 log = logging.getLogger("ftlab.search")
 
@@ -182,7 +183,7 @@ class OptunaSearch:
             log.warning("no trial completed: no best parameters")
         path = Path(self.config.hydra.sweep.dir) / "optimization_results.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(results), path)
+        write_text(path, OmegaConf.to_yaml(OmegaConf.create(results)))  # temporary name, then renamed
 
 
 def _tell(
