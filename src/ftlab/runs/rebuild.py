@@ -164,12 +164,13 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
 
 def _restore_input_size(backbone: Any, size: int | None) -> None:
     """The image size the run trained with (``data.input_size=auto`` chose it from the data): kept, not re-chosen."""
-    preprocessing = getattr(backbone, "preprocessing", None)
-    if size is None or not hasattr(preprocessing, "resolved"):
-        return
     from dataclasses import replace
 
-    backbone.preprocessing = replace(preprocessing, input_size=int(size), resolved=True)
+    from ftlab.data.image import ImagePreprocessing
+
+    preprocessing = getattr(backbone, "preprocessing", None)
+    if size is not None and isinstance(preprocessing, ImagePreprocessing):
+        backbone.preprocessing = replace(preprocessing, input_size=int(size), resolved=True)
 
 
 def datamodule_for(run: LoadedRun, data: DictConfig | None = None, setup: bool = True) -> Any:
