@@ -265,3 +265,23 @@ def test_eval_on_hostile_images_evaluates_the_rest_and_names_the_skipped(tmp_pat
     assert {k: v for k, v in again.items() if k.startswith("test/")} == {
         k: v for k, v in first.items() if k.startswith("test/")
     }
+
+
+def test_token_files_lose_only_the_sentence_with_a_line_that_is_not_utf8_under_eval(tmp_path):
+    from ftlab.data.token_sources import read_token_file
+    from ftlab.data.unreadable import skipping
+
+    conll = tmp_path / "tags.conll"
+    conll.write_bytes(b"Obama\tB-person\nspoke\tO\n\nin\tO\nPar\xe9s\tB-geo-loc\n\nthen\tO\nleft\tO\n")
+    with skipping() as skipped:
+        sentences = read_token_file(str(conll), "test_file", "tokens", "tags")
+    assert sentences == [(["Obama", "spoke"], ["B-person", "O"]), (["then", "left"], ["O", "O"])]
+    assert [item for item, _ in skipped] == [f"{conll}:5"] and "line 5: not valid UTF-8" in skipped[0][1]
+    with pytest.raises(DataError, match="line 5: not valid UTF-8"):  # training: refused, named
+        read_token_file(str(conll), "train_file", "tokens", "tags")
+
+    jsonl = tmp_path / "tags.jsonl"
+    jsonl.write_bytes(b'{"tokens": ["a"], "tags": ["O"]}\n{"tokens": ["\xe9"], "tags": ["O"]}\n')
+    with skipping() as skipped:
+        assert read_token_file(str(jsonl), "test_file", "tokens", "tags") == [(["a"], ["O"])]
+    assert [item for item, _ in skipped] == [f"{jsonl}:2"]

@@ -12,6 +12,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from ftlab.data.unreadable import utf8_lines
 from ftlab.utils import assets
 from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
@@ -52,7 +53,8 @@ def read_conll(text: str, where: str) -> list[Sentence]:
 def read_jsonl(path: Path, tokens_key: str, tags_key: str) -> list[Sentence]:
     """One JSON object per line with a list of tokens and a list of tags of the same length."""
     sentences: list[Sentence] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    # a line that is not UTF-8 (one sentence) is skipped by ftlab-eval (reported) and refused elsewhere, named
+    for number, line in utf8_lines(path.read_bytes(), path):
         if not line.strip():
             continue
         try:
@@ -82,10 +84,23 @@ def read_token_file(path_str: str, key: str, tokens_key: str, tags_key: str) -> 
     if path.suffix.lower() in (".jsonl", ".json"):
         sentences = read_jsonl(path, tokens_key, tags_key)
     else:
-        sentences = read_conll(path.read_text(encoding="utf-8"), str(path))
+        sentences = _read_conll_file(path)
     if not sentences:
         raise DataError(f"data.{key}={path_str} holds no sentence.")
     return sentences
+
+
+def _read_conll_file(path: Path) -> list[Sentence]:
+    """:func:`read_conll` of a file; under ``ftlab-eval`` a sentence holding a line that is not UTF-8 is left out
+    whole (the line is reported by :func:`~ftlab.data.unreadable.utf8_lines`), elsewhere the line is refused."""
+    raw = path.read_bytes()
+    good = dict(utf8_lines(raw, path))  # raises outside ftlab.data.unreadable.skipping
+    count = len(raw.splitlines())
+    if len(good) == count:
+        return read_conll("\n".join(good[n] for n in range(1, count + 1)), str(path))
+    marker = "\x00unreadable"
+    text = "\n".join(good.get(n, f"{marker}\t{marker}") for n in range(1, count + 1))
+    return [sentence for sentence in read_conll(text, str(path)) if marker not in sentence[0]]
 
 
 def wnut16() -> list[Sentence]:
