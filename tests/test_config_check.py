@@ -98,6 +98,7 @@ FILL = {
     "data=image_table": ["data.labels_file=labels.csv"],
     "data=hf_hub": ["data.hub_name=glue"],
     "data=torchvision": ["data.root=tv"],
+    "finetune=freeze_transferred": ["model.backbone.checkpoint_groups=2"],  # the user's: groups copied
     "experiment=mnist_transfer_target": ["model.backbone.checkpoint=a/backbone.pt"],
     "experiment=transfer_yosinski": ["model.backbone.checkpoint=a"],
     "experiment=transfer_yosinski_full": ["model.backbone.checkpoint=a", "data.root=tv"],

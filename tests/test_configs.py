@@ -33,6 +33,8 @@ OFFLINE = {
         "data.labels_file=/data/labels.csv"
     ],  # constructor only: the user's table (???)
     ("data", "torchvision"): ["data.root=/data/cifar"],  # constructor only: the download needs internet
+    # the groups copied from a transfer checkpoint: the user's (text backbones take checkpoint_groups too)
+    ("finetune", "freeze_transferred"): ["model.backbone.checkpoint_groups=2"],
 }
 # options checked by composition and signatures only: no GPU here
 COMPOSE_ONLY = {("trainer", "gpu"), ("trainer", "ddp"), ("trainer", "ddp_slurm"), ("trainer", "fsdp")}

@@ -112,6 +112,12 @@ def target_spec(target: Any, skip: tuple[str, ...] = ()) -> Spec:
     """
     fn = target.__init__ if isinstance(target, type) else target  # type: ignore[misc]
     signature = inspect.signature(target)
+    if isinstance(target, type) and all(
+        p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    ):  # a generic __new__ (e.g. one that picks a subclass) hides __init__'s parameters: read those
+        parameters = list(inspect.signature(fn).parameters.values())[1:]  # without self
+        signature = signature.replace(parameters=parameters)
     hints = _hints(fn)
     params: dict[str, Spec] = {}
     var_keyword = False
