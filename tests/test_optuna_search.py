@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -187,6 +188,7 @@ def test_a_search_whose_process_died_resumes_where_it_stopped(toy, tmp_path, sig
         TrialState.COMPLETE,
         *cut,
     ]  # SIGINT: queued again
+    time.sleep(1.5)  # past the grace period: the killed trial's last heartbeat must be older than 1 s
     out = _finish(toy(*common, "hydra.sweep.dir=second"))
     assert _jobs(tmp_path / "second") == {3, 4}  # trials 0 and 1 are not run again; the budget is 4 in all
     trials = optuna.load_study(study_name="toy", storage=storage).trials
