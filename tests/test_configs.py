@@ -134,21 +134,24 @@ def test_train_yaml_names_the_path_in_data_flow_order():
     names = [next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else d for d in defaults]
     # _self_ first: experiment / debug / local files override train.yaml's own values (seed, monitor, name, ...)
     assert names[0] == "_self_"
-    assert names[1:14] == [
-        "data",
-        "model",
-        "task",  # task=masked_lm: sets data.task and the monitored metric, so after data (and model)
-        "finetune",
-        "zero_shot",  # zero_shot=embedding replaces the head and trains nothing (after model, which it overrides)
-        "optimizer",
-        "scheduler",
-        "adversarial",
-        "trainer",
-        "callbacks",
-        "logger",
-        "paths",
-        "hydra",
-    ]
+    assert (
+        names[1:14]
+        == [
+            "data",
+            "model",
+            "task",  # task=masked_lm: sets data.task and the monitored metric, so after data (and model)
+            "finetune",
+            "zero_shot",  # zero_shot=embedding replaces the head and trains nothing (after model, which it overrides)
+            "optimizer",
+            "scheduler",
+            "adversarial",
+            "trainer",
+            "callbacks",
+            "logger",
+            "paths",
+            "hydra",
+        ]
+    )
     assert names[14:] == ["experiment", "hparams_search", "debug", "optional local"]
 
 
