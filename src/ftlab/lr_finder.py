@@ -43,8 +43,8 @@ def tuned_lr(
         return None
     record = output_dir / CURVE_FILE
     if resumed and record.is_file():
-        lr = json.loads(record.read_text())["suggestion"]
-        log.info("tune.lr: the run's learning-rate search chose %.3g (%s); resumed with it.", lr, record)
+        lr = json.loads(record.read_text())["suggestion"]  # null: the search found none, optimizer.lr kept
+        log.info("tune.lr: the run's learning-rate search chose %s (%s); resumed with it.", lr, record)
     else:
         lr = _search(options, trainer, module, datamodule, output_dir)
     if lr is not None:
@@ -63,9 +63,8 @@ def _search(
 ) -> float | None:
     from pytorch_lightning.tuner import Tuner
 
-    if (
-        trainer.world_size > 1
-    ):  # under ddp_spawn the search would run (and its result stay) in the child processes
+    # under ddp_spawn the search would run (and its result stay) in the child processes
+    if trainer.world_size > 1:
         raise ConfigError(
             f"tune.lr=true searches on one process, and this trainer has {trainer.world_size} "
             f"(trainer.strategy={type(trainer.strategy).__name__}). Search with trainer.devices=1, then give the "
