@@ -30,6 +30,17 @@ from torch import nn
 IGNORE_INDEX = -100  # labels of positions that are not scored (subword continuations, padding)
 
 
+def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) vs (B, T): the mean cross-entropy over scored positions (labels != IGNORE_INDEX); a batch with
+    none gives 0 (still attached to the graph), not NaN."""
+    flat = labels.reshape(-1)
+    if not bool((flat != IGNORE_INDEX).any()):
+        return logits.sum() * 0.0
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX
+    )
+
+
 class Task(nn.Module):
     """Base of the tasks. Subclasses set ``name`` and ``level`` and implement the methods that raise here.
 

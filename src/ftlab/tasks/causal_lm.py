@@ -17,11 +17,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torchmetrics
-from torch.nn import functional as F
 from torchmetrics.text import Perplexity
 
 from ftlab import generation
-from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
+from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task, per_token_cross_entropy
 from ftlab.utils.errors import ConfigError
 
 
@@ -136,10 +135,7 @@ class CausalLMTask(Task):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # mean over scored tokens of the batch; a batch without any (all truncated away) gives 0, not NaN
         logits, labels = shift(logits, labels)
-        flat = labels.reshape(-1)
-        if not bool((flat != IGNORE_INDEX).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat, ignore_index=IGNORE_INDEX)
+        return per_token_cross_entropy(logits.float(), labels)
 
     def metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(

@@ -18,11 +18,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torchmetrics
 from torch import nn
-from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
-from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
+from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task, per_token_cross_entropy
 from ftlab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -56,11 +55,7 @@ class MaskedLMTask(Task):
         return backbone.masked_lm_head()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # (B, T, V) vs (B, T): the mean over masked positions; a batch without any gives 0, not NaN
-        flat = labels.reshape(-1)
-        if not bool((flat != IGNORE_INDEX).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX)
+        return per_token_cross_entropy(logits, labels)  # the mean over masked positions
 
     def metrics(self) -> torchmetrics.MetricCollection:
         return torchmetrics.MetricCollection(

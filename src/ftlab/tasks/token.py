@@ -17,9 +17,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torchmetrics
-from torch.nn import functional as F
 
-from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task
+from ftlab.tasks.base import IGNORE_INDEX, Evaluator, Task, per_token_cross_entropy
 from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import write_frame
 
@@ -152,11 +151,7 @@ class TokenClassificationTask(Task):
         return {"entities": self.entities, "scheme": self.scheme}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        # (B, T, C) vs (B, T): the mean over labelled positions; a batch with none gives 0, not NaN
-        flat = labels.reshape(-1)
-        if not bool((flat != IGNORE_INDEX).any()):
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX)
+        return per_token_cross_entropy(logits, labels)  # the mean over labelled positions
 
     def metrics(self) -> torchmetrics.MetricCollection:
         assert self.label_names is not None
