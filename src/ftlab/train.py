@@ -119,6 +119,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = attach_teacher(
             cfg.distill, module, datamodule, cfg.paths.cache_dir, trainer.strategy.root_device
         )
+    setfit: dict[str, Any] = {}
+    if (
+        getattr(module.policy, "contrastive", None) is not None
+    ):  # finetune=setfit: the body first learns from label pairs
+        from ftlab.setfit import contrastive_stage
+
+        setfit = contrastive_stage(
+            cfg, module, datamodule, loggers, _instantiate, resumed=bool(cfg.get("resume"))
+        )
     if cfg.get("feature_cache"):  # a frozen backbone's features computed once (falls back with a log line)
         datamodule = maybe_cache_features(
             module,
@@ -161,6 +170,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics["task"] = module.task.name
     metrics.update(_optimizer_settings(module))
     metrics.update(counts)
+    metrics.update(setfit)
     metrics.update(
         wall_time_s=round(time.perf_counter() - start, 2),
         seed=cfg.seed,

@@ -42,6 +42,8 @@ class FinetunePolicy:
         train_only: glob patterns of backbone parameter names (as in the state dict, e.g. ``*bias``) that train;
             every other backbone parameter is fixed (``finetune=bitfit``). ``null``: all of them may train.
         peft: a :class:`~ftlab.finetuning.adapters.PeftAdapter` (LoRA, IA3, ...) applied to the backbone.
+        contrastive: a :class:`~ftlab.setfit.ContrastiveStage`: the body is first tuned on label pairs, then the
+            policy's groups train (``finetune=setfit``).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class FinetunePolicy:
         reinit_top_k: int = 0,
         train_only: Sequence[str] | None = None,
         peft: Any = None,
+        contrastive: Any = None,
     ):
         if k is None:  # finetune=freeze_transferred without model.backbone.checkpoint_groups
             raise ConfigError(
@@ -87,6 +90,12 @@ class FinetunePolicy:
         self.reinit_top_k = reinit_top_k
         self.train_only = list(train_only) if train_only is not None else None
         self.peft = peft
+        if contrastive is not None and peft is not None:
+            raise ConfigError(
+                "finetune.contrastive (SetFit) tunes the whole body before training; it does not combine with "
+                "finetune.peft. Use finetune=setfit or finetune=lora, not both."
+            )
+        self.contrastive = contrastive
 
     def check(self, group_names: list[str]) -> None:
         """Validate against the model's groups (backbone groups bottom to top, then ``head``)."""
