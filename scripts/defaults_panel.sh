@@ -26,11 +26,11 @@ for name in "${datasets[@]}"; do
       args=(data=image_folder "data.root=$DATA/$name" model=efficientnet_lite0); lrs=$IMAGE_LRS ;;
     rotten_tomatoes|debates_2016)
       args=(data=text_files "data.train_file=$DATA/$name.csv"); lrs=$TEXT_LRS ;;
-    noun_share)  # regression: the monitor is the one thing a user must name (val/r2)
-      args=(data=text_files "data.train_file=$DATA/noun_share.csv" data.label_column=target data.task=regression
-            monitor=val/r2); lrs=$TEXT_LRS ;;
+    noun_share)  # regression: the task's monitor (val/mse, min) picks the checkpoint; the panel compares test/r2
+      args=(data=text_files "data.train_file=$DATA/noun_share.csv" data.label_column=target data.task=regression)
+      lrs=$TEXT_LRS ;;
     wnut16)
-      args=(data=token_files "data.train_file=$DATA/wnut16.conll" monitor=val/f1); lrs=$TEXT_LRS ;;
+      args=(data=token_files "data.train_file=$DATA/wnut16.conll"); lrs=$TEXT_LRS ;;
     *) echo "unknown panel dataset: $name" >&2; exit 2 ;;
   esac
   run_sweep "panel_${name}_default" name="panel_${name}_default" "${args[@]}" seed=1,2,3 "${extra[@]}"

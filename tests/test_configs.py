@@ -163,6 +163,30 @@ def test_monitor_is_named_once_and_interpolated():
     assert callbacks["early_stopping"]["mode"] == "${monitor_mode}"
 
 
+@pytest.mark.parametrize(
+    ("overrides", "monitor", "mode"),
+    [
+        ([], "val/acc", "max"),
+        (["data.task=regression"], "val/mse", "min"),
+        (["data.task=multilabel"], "val/f1_micro", "max"),
+        (["data=wnut16"], "val/f1", "max"),
+        (["task=masked_lm"], "val/perplexity", "min"),
+        (["data=instruct_rotten_tomatoes", "model=smollm2_lm"], "val/loss", "min"),
+        (["monitor=val/loss"], "val/loss", "min"),  # the mode follows a monitor the user names
+        (["data=wnut16", "monitor=val/acc"], "val/acc", "max"),
+        (["monitor=val/mae", "monitor_mode=max"], "val/mae", "max"),  # and a mode the user names wins
+    ],
+)
+def test_the_monitored_metric_follows_the_task_unless_set(overrides, monitor, mode):
+    from ftlab.runs.jobs import BUILTIN_MONITORS
+    from ftlab.tasks import TASKS
+
+    assert {name: TASKS[name].monitor for name in BUILTIN_MONITORS} == BUILTIN_MONITORS
+    cfg = compose_cfg(overrides)
+    assert (cfg.monitor, cfg.monitor_mode) == (monitor, mode)
+    assert (cfg.callbacks.model_checkpoint.monitor, cfg.callbacks.early_stopping.mode) == (monitor, mode)
+
+
 def test_hydra_launcher_options_compose():
     launcher_dir = CONF_DIR / "hydra" / "launcher"
     for path in sorted(launcher_dir.glob("*.yaml")) if launcher_dir.is_dir() else []:

@@ -84,6 +84,40 @@ def _launcher(key: str, default: Any) -> Any:
     return default if value is None else value
 
 
+# metrics where lower is better (``val/loss``, ``val/mse``, ``val/loss_epoch``, ...); any other is maximised
+_LOWER_IS_BETTER = ("loss", "mse", "mae", "rmse", "perplexity", "ece", "brier", "error")
+
+
+# the built-in tasks' ``Task.monitor``, so composing and checking a config never imports torch (a test keeps the
+# two in step)
+BUILTIN_MONITORS = {
+    "classification": "val/acc",
+    "regression": "val/mse",
+    "multilabel": "val/f1_micro",
+    "token_classification": "val/f1",
+    "causal_lm": "val/loss",
+    "masked_lm": "val/perplexity",
+}
+
+
+def _task_monitor(task: str) -> str:
+    """``monitor``'s default: the metric the task ``data.task`` declares (``Task.monitor``)."""
+    if task in BUILTIN_MONITORS:
+        return BUILTIN_MONITORS[task]
+    from ftlab.tasks import TASKS  # a task the user registered (importing it already imported torch)
+
+    cls = TASKS.get(task)
+    return cls.monitor if cls is not None else "val/acc"  # an unknown task is refused with its own message later
+
+
+def _monitor_mode(monitor: str) -> str:
+    """``monitor_mode``'s default: ``min`` for a loss or error (see ``_LOWER_IS_BETTER``), else ``max``."""
+    name = str(monitor).rsplit("/", 1)[-1]
+    return "min" if any(name == w or name.startswith(f"{w}_") for w in _LOWER_IS_BETTER) else "max"
+
+
+OmegaConf.register_new_resolver("ftlab.task_monitor", _task_monitor, replace=True)
+OmegaConf.register_new_resolver("ftlab.monitor_mode", _monitor_mode, replace=True)
 OmegaConf.register_new_resolver("ftlab.sweep_name", _sweep_name, replace=True)
 OmegaConf.register_new_resolver("ftlab.launcher", _launcher, replace=True)
 OmegaConf.register_new_resolver("ftlab.tags", _tags, replace=True)

@@ -52,6 +52,8 @@ class Task(nn.Module):
     name: ClassVar[str]
     # "sequence": one output per example from the backbone's pooled features; "token": one per token
     level: ClassVar[str] = "sequence"
+    # the validation metric checkpointing, early stopping and sweeps watch unless the user sets ``monitor=``
+    monitor: ClassVar[str] = "val/acc"
 
     def __init__(self, num_labels: int, label_names: Sequence[str] | None = None):
         super().__init__()

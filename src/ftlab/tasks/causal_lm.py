@@ -110,6 +110,7 @@ class CausalLMTask(Task):
     """
 
     name = "causal_lm"
+    monitor = "val/loss"
     level = "token"
 
     def __init__(

@@ -198,6 +198,7 @@ class RegressionTask(Task):
     """One number per example: MSE loss; MSE, MAE and R² metrics."""
 
     name = "regression"
+    monitor = "val/mse"
 
     def __init__(self, num_labels: int = 1, label_names: Sequence[str] | None = None, **_: Any):
         if num_labels != 1:

@@ -43,6 +43,7 @@ class MaskedLMTask(Task):
     """
 
     name = "masked_lm"
+    monitor = "val/perplexity"
     level = "token"
 
     def make_head(self, backbone: nn.Module, configured: Callable[[], nn.Module]) -> nn.Module:

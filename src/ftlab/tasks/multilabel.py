@@ -105,6 +105,7 @@ class MultiLabelTask(Task):
     """
 
     name = "multilabel"
+    monitor = "val/f1_micro"
     thresholds: torch.Tensor  # buffers (C,), saved in every checkpoint
     class_weights: torch.Tensor
     pos_weight: torch.Tensor

@@ -118,6 +118,7 @@ class TokenClassificationTask(Task):
     """
 
     name = "token_classification"
+    monitor = "val/f1"
     level = "token"
 
     def __init__(
