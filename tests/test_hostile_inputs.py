@@ -257,6 +257,19 @@ def test_eval_on_hostile_images_evaluates_the_rest_and_names_the_skipped(tmp_pat
     assert "cut off" in skipped["reason"][0] and "decompression bomb" in skipped["reason"][1]
     first = json.loads((out / "metrics.json").read_text())
 
+    # under attack the same two are left out of the clean and of the attacked pass, and named the same way
+    attacked = tmp_path / "attacked"
+    with pytest.raises(DataError) as caught:
+        evaluate(_entry("eval", [f"run={run}", f"+data.test_root={test}", f"output_dir={attacked}",
+                                 "attack=fgsm", "attack.epsilon=[0.1]"]))  # fmt: skip
+    assert "2 input(s) were skipped and 8 evaluated" in str(caught.value)
+    record = json.loads((attacked / "metrics.json").read_text())
+    assert (
+        record["examples"] == 8 and record["test/acc"] == first["test/acc"] and "fgsm@0.1/test/acc" in record
+    )
+    skipped = pd.read_csv(attacked / "skipped.csv")
+    assert [Path(p).name for p in skipped["input"]] == ["g_truncated.png", "h_bomb.png"]
+
     # the unreadable files removed: no error, no stale record, the same metrics (the rest was evaluated as such)
     for bad in ("g_truncated.png", "h_bomb.png"):
         (test / "a" / bad).unlink()

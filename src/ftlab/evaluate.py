@@ -55,7 +55,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("attack") is not None:  # clean vs attacked metrics: <run>/eval/<split>_attack_<name>/
         from ftlab.robustness import evaluate_attack
 
-        return evaluate_attack(cfg, run, datamodule, device)
+        return evaluate_attack(cfg, run, datamodule, device, skipped)
     module = run.module.to(device)
     default_dir = run.run_dir / "eval" / (cfg.split if data is None else f"other_data_{cfg.split}")
     out = Path(cfg.output_dir).expanduser() if cfg.get("output_dir") else default_dir

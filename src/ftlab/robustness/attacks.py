@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ftlab.data import unreadable
 from ftlab.models.adversarial import NORMS, PGD, site_for
 from ftlab.models.backbones.contract import EmbeddingBackbone
 from ftlab.utils.errors import ConfigError
@@ -142,7 +143,8 @@ class GradientAttack(Attack):
     ) -> Outputs:
         adversary = self.adversary(strength) if strength > 0 else None
         loader = getattr(datamodule, f"{'val' if split == 'validation' else split}_dataloader")()
-        for index, batch in enumerate(loader):
+        # unreadable examples are left out here too (the clean pass names them): the same examples in every pass
+        for index, batch in enumerate(unreadable.skipping_loader(loader, [])):
             batch = _to(batch, device)
             site = site_for(module, batch)
             try:

@@ -5,7 +5,9 @@
 
 Writes ``<run>/eval/<split>_attack_<name>/metrics.json`` (atomically): the clean metrics under their eval names
 (``test/acc``, ...), the metrics at each strength under ``<name>@<strength>/test/acc``, ..., and the attack's
-settings; prints the same as a table. Metrics are the task's own (training's torchmetrics definitions).
+settings; prints the same as a table. Metrics are the task's own (training's torchmetrics definitions). Inputs that
+cannot be read (a cut-off image, a line that is not UTF-8) are left out of every pass, named in ``skipped.csv``
+and end the command with one paragraph, exit status 2, as a plain ``ftlab-eval`` does (``ftlab.data.unreadable``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ftlab.data import unreadable
 from ftlab.robustness.attacks import Attack, Outputs
 from ftlab.runs import folder, rebuild
 from ftlab.utils.errors import ConfigError
@@ -54,14 +57,24 @@ def score(task: Any, outputs: Outputs) -> tuple[dict[str, float], int]:
 
 
 def evaluate_attack(
-    cfg: DictConfig, run: rebuild.LoadedRun, datamodule: Any, device: torch.device
+    cfg: DictConfig,
+    run: rebuild.LoadedRun,
+    datamodule: Any,
+    device: torch.device,
+    skipped: unreadable.Skipped | None = None,
 ) -> dict[str, Any]:
-    """Clean metrics of ``cfg.split`` and the metrics under ``cfg.attack`` at each of its strengths."""
+    """Clean metrics of ``cfg.split`` and the metrics under ``cfg.attack`` at each of its strengths.
+
+    ``skipped``: inputs already left out while the data was read; the clean pass adds the examples it cannot read
+    (the attacked passes leave out the same ones). Any of them raise the :class:`DataError` of
+    :func:`unreadable.report_skipped` once the metrics are written.
+    """
+    skipped = [] if skipped is None else skipped
     attack = build_attack(cfg.attack)
     module = run.module.to(device).eval()
     attack.check(module, datamodule)
     split, prefix = cfg.split, f"{cfg.split}/"
-    loader = getattr(datamodule, LOADERS[split])()
+    loader = unreadable.skipping_loader(getattr(datamodule, LOADERS[split])(), skipped)
     clean, examples = score(
         module.task, ((logits, b["labels"]) for b, logits in rebuild.batches(module, loader, device))
     )
@@ -88,6 +101,10 @@ def evaluate_attack(
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(text))
     show(rows, f"{run.run_dir.name} · {split} · attack={attack.name} ({examples} examples)", out)
+    record = out / "skipped.csv"
+    if skipped:
+        raise unreadable.report_skipped(skipped, record, f"{examples} evaluated (written to {out})")
+    record.unlink(missing_ok=True)  # an earlier evaluation's record
     return metrics
 
 
