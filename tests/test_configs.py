@@ -135,13 +135,14 @@ def test_train_yaml_names_the_path_in_data_flow_order():
     # _self_ first: experiment / debug / local files override train.yaml's own values (seed, monitor, name, ...)
     assert names[0] == "_self_"
     assert (
-        names[1:14]
+        names[1:15]
         == [
             "data",
             "model",
             "task",  # task=masked_lm: sets data.task and the monitored metric, so after data (and model)
             "finetune",
             "zero_shot",  # zero_shot=embedding replaces the head and trains nothing (after model, which it overrides)
+            "prompt",  # prompt=verbalizer replaces the head (after model, which it overrides)
             "optimizer",
             "scheduler",
             "adversarial",
@@ -152,7 +153,7 @@ def test_train_yaml_names_the_path_in_data_flow_order():
             "hydra",
         ]
     )
-    assert names[14:] == ["experiment", "hparams_search", "debug", "optional local"]
+    assert names[15:] == ["experiment", "hparams_search", "debug", "optional local"]
 
 
 def test_monitor_is_named_once_and_interpolated():

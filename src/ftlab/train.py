@@ -63,6 +63,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("zero_shot"):  # zero_shot=embedding: nothing trains; validate, test, record (ftlab.zero_shot)
         from ftlab.zero_shot import run
 
+        if cfg.get("prompt"):
+            raise ConfigError("zero_shot and prompt=verbalizer exclude each other: set one of them to null.")
+
         return run(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +82,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "lacks the backbone contract (out_features, preprocessing, loaded_checkpoint, layer_groups(); see "
             "ftlab.models.backbones.contract.Backbone)."
         )
+    prompt = _instantiate(cfg.prompt) if cfg.get("prompt") else None  # prompt=verbalizer (ftlab.verbalizer)
+    if prompt is not None:  # the LM read at the template's answer slot; the data module tokenizes the prompts
+        backbone = prompt.wrap(backbone, cfg.data)
     datamodule = _instantiate(cfg.data, preprocessing=backbone.preprocessing)
     datamodule.setup("fit")  # the number of classes is known only once the data is read
     if datamodule.modality == "image":  # data.input_size may have chosen the size from the images
@@ -92,6 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         task=datamodule.task,
         class_counts=datamodule.class_counts(),
     )
+    if prompt is not None:  # the head's rows start as the LM's output rows of the label words
+        prompt.init_head(module, datamodule.label_names)
     datamodule.label_map.save(output_dir / folder.LABELS_FILE)
     counts = module.parameter_counts()
     log.info(

@@ -8,7 +8,6 @@ run. Nothing trains; the model is the run's causal LM (``model=smollm2_lm``, or 
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ftlab.prompting import PromptFormat, check_template, label_words_for, word_token_ids
 from ftlab.tasks import build_task
 from ftlab.utils.errors import ConfigError
 
@@ -27,9 +27,9 @@ class LLMZeroShot:
 
     Args:
         prompt: the text before the label word, with one ``{text}`` field.
-        label_words: ``{label name: word}`` scored after the prompt; null: the label names.
+        label_words: ``{label name: word}`` scored after the prompt; null: the label names (the first of a list).
         batch_size: texts per step (each is scored once per label).
-        max_length: prompt tokens kept (the text's end is cut; the label word is always scored).
+        max_length: prompt tokens kept (the text's end is cut, never the prompt; the label word is always scored).
     """
 
     kind = "llm"
@@ -37,18 +37,13 @@ class LLMZeroShot:
     def __init__(
         self,
         prompt: str = "Review: {text}\nSentiment:",
-        label_words: dict[str, str] | None = None,
+        label_words: dict[str, Any] | None = None,
         batch_size: int = 16,
         max_length: int = 256,
     ):
-        fields = {f for _, f, _, _ in string.Formatter().parse(str(prompt)) if f is not None}
-        if fields != {"text"}:
-            raise ConfigError(
-                f"zero_shot.prompt={prompt!r} must contain the field {{text}} and no other field (it has "
-                f"{sorted(fields) or 'none'}), e.g. zero_shot.prompt='Review: {{text}}\\nSentiment:'."
-            )
-        self.prompt, self.batch_size, self.max_length = str(prompt), int(batch_size), int(max_length)
-        self.label_words = {str(k): str(v) for k, v in (label_words or {}).items()}
+        self.prompt = check_template(prompt, "zero_shot.prompt")  # shared with prompt=verbalizer
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.label_words = dict(label_words or {})
 
     def record(self) -> dict[str, Any]:
         return {"zero_shot/prompt": self.prompt}
@@ -69,20 +64,15 @@ class LLMZeroShot:
                 f"zero_shot=llm scores label words with a causal LM's own LM head; model.backbone "
                 f"{type(backbone).__name__} has none. Use model=smollm2_lm (or another HFCausalLM config)."
             )
-        unknown = sorted(set(self.label_words) - set(label_names))
-        if unknown:
-            raise ConfigError(
-                f"zero_shot.label_words names {unknown}, which are not labels of the data ({label_names}). "
-                "Give words for the data's label names, e.g. zero_shot.label_words={fresh:positive,rotten:negative}."
-            )
+        words = label_words_for(self.label_words, label_names, "zero_shot.label_words")
         tokenizer = load_tokenizer_for(backbone.preprocessing.tokenizer)
-        # a leading space: the word follows the prompt as a new word ("Sentiment: positive")
-        words = [" " + self.label_words.get(name, name) for name in label_names]
-        word_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+        # a leading space: the word follows the prompt as a new word ("Sentiment: positive"); all its tokens scored
+        word_ids = [word_token_ids(tokenizer, w[0]) for w in words]
+        prompt = PromptFormat(self.prompt)  # a long text is cut, never the prompt around it
         splits = {}
         for split in ("validation", "test"):
             texts, _ = datamodule.raw_inputs(split)
-            prompts = [tokenizer(self.prompt.format(text=t))["input_ids"][-self.max_length :] for t in texts]
+            prompts = prompt.encode(tokenizer, texts, self.max_length)
             labels = np.asarray(datamodule.datasets[split].labels)
             splits[split] = (prompts, labels)
         task = build_task("classification", len(label_names), label_names, {})

@@ -129,12 +129,19 @@ def _tokenizer_id(tokenizer: Any) -> str:
 
 
 def tokenize_cached(
-    tokenizer: Any, texts: list[str], pairs: list[str] | None, max_length: int, cache_dir: Path | None
+    tokenizer: Any,
+    texts: list[str],
+    pairs: list[str] | None,
+    max_length: int,
+    cache_dir: Path | None,
+    prompt: Any = None,
 ) -> dict[str, np.ndarray]:
     """Token ids of ``texts`` (and ``pairs``), read from or written to ``cache_dir``.
 
     The cache key covers everything the ids depend on: the full tokenizer definition (vocab, normalizer, special
-    tokens: ``backend_tokenizer.to_str()``), ``max_length`` and every text, so a stale entry is never used.
+    tokens: ``backend_tokenizer.to_str()``), ``max_length``, every text and the ``prompt``
+    (:class:`~ftlab.prompting.PromptFormat`, ``prompt=verbalizer``: each text put into its template, the text cut
+    to fit, never the template), so a stale entry is never used.
     """
     path = None
     if cache_dir is not None:  # the key serializes the whole tokenizer (~ms): only when a cache is used
@@ -143,19 +150,23 @@ def tokenize_cached(
             str(max_length),
             "\x01".join(texts),
             "\x01".join(pairs) if pairs else "-",
+            *([prompt.key()] if prompt is not None else []),
         )
         path = cache_dir / "tokens" / f"{key}.npz"
     cached = read_cached_arrays(path) if path is not None else None  # allow_pickle=False; damaged: recomputed
     if cached is not None:
         return cached
-    encoded = tokenizer(
-        texts,
-        pairs,
-        truncation=True,
-        max_length=max_length,
-        return_attention_mask=False,
-        return_token_type_ids=pairs is not None,
-    )
+    if prompt is not None:
+        encoded = {"input_ids": prompt.encode(tokenizer, texts, max_length, pairs)}
+    else:
+        encoded = tokenizer(
+            texts,
+            pairs,
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=pairs is not None,
+        )
     lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
     arrays = {
         "input_ids": np.concatenate([np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]),
@@ -322,6 +333,10 @@ class TextClassificationDataModule(ClassificationDataModule):
             self.collate = PadCollator(self.tokenizer.pad_token_id or 0, width, cap=self.max_length)
         return self.collate
 
+    def _prompt(self) -> Any:
+        """The template texts are put into (``prompt=verbalizer``: the backbone's preprocessing says), or None."""
+        return getattr(self.preprocessing, "prompt", None)
+
     def feature_cache_blocker(self) -> str | None:
         if self.text_augment is not None:
             return "data.text_augment changes the training texts every epoch"
@@ -331,7 +346,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         """Texts (and second texts of pairs) tokenized as training tokenizes: same tokenizer, truncation at
         ``max_length``, token types for pairs; :meth:`collator` pads them as training batches are padded."""
         texts = [str(text) for text in inputs]
-        arrays = tokenize_cached(self.tokenizer, texts, pairs, self.max_length, None)
+        arrays = tokenize_cached(self.tokenizer, texts, pairs, self.max_length, None, self._prompt())
         dataset = TokenizedText(arrays, np.zeros(len(texts), dtype=np.int64))
         items = []
         for i, text in enumerate(texts):
@@ -418,7 +433,7 @@ class TextClassificationDataModule(ClassificationDataModule):
             pair_column = self.columns["text_pair_column"]
             texts = frame[self.columns["text_column"]].astype(str).tolist()
             pairs = frame[pair_column].astype(str).tolist() if pair_column else None
-            arrays = tokenize_cached(tokenizer, texts, pairs, self.max_length, self.cache_dir)
+            arrays = tokenize_cached(tokenizer, texts, pairs, self.max_length, self.cache_dir, self._prompt())
             self.datasets[split] = TokenizedText(arrays, labels)
             if split == "train" and self.text_augment is not None:
                 # clean ids from the cache; augmented copies tokenized when read (ftlab.augment.text)

@@ -153,6 +153,8 @@ def load_run(run_dir: str | Path, ckpt: str | Path | None = None) -> LoadedRun:
             "state_dict)."
         )
     backbone = instantiate(offline_backbone_config(cfg))
+    if cfg.get("prompt"):  # prompt=verbalizer: the LM read at the template's answer slot (ftlab.verbalizer)
+        backbone = instantiate(cfg.prompt).wrap(backbone, cfg.data)
     _restore_input_size(backbone, hparams.get("input_size"))
     # checkpoints written before the Task interface have no "task": one output was regression
     task = hparams.get("task") or ("regression" if int(hparams["num_classes"]) == 1 else "classification")
