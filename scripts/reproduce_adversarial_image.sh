@@ -5,19 +5,9 @@
 # Full scale on a GPU: scripts/reproduce_adversarial_image.sh experiment=adversarial_image_full
 set -euo pipefail
 source "$(dirname "$0")/sweep_lib.sh"
-DEVICE=${DEVICE:-auto}
 # Madry et al.'s training: PGD in L-inf (pixel units), trained on the adversarial loss alone
 PGD_TRAINING=(adversarial=pgd adversarial.epsilon=0.1 adversarial.alpha=0.025 adversarial.steps=5
   adversarial.clean_loss=false)
-
-# attack_jobs <sweep> <ftlab-eval overrides...>: one ftlab-eval attack per finished job of the sweep
-attack_jobs() {
-  local sweep=$1 record
-  shift
-  for record in "$sweep"/*/metrics.json; do
-    "$PY" -m ftlab.evaluate "run=$(dirname "$record")" "device=$DEVICE" "$@"
-  done
-}
 
 run_sweep adversarial_image experiment=adversarial_image "$@"
 standard=$SWEEP

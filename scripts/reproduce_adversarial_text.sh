@@ -6,16 +6,6 @@
 # Re-running with the STAMP of a run that was cut off finishes the sweeps and redoes the attacks.
 set -euo pipefail
 source "$(dirname "$0")/sweep_lib.sh"
-DEVICE=${DEVICE:-auto}
-
-# attack_jobs <sweep> <ftlab-eval overrides...>: one ftlab-eval attack per finished job of the sweep
-attack_jobs() {
-  local sweep=$1 record
-  shift
-  for record in "$sweep"/*/metrics.json; do
-    "$PY" -m ftlab.evaluate "run=$(dirname "$record")" "device=$DEVICE" "$@"
-  done
-}
 
 run_sweep adversarial_text experiment=adversarial_text "$@"
 plain=$SWEEP

@@ -23,3 +23,13 @@ run_sweep() {
 report() {
   "$PY" -m ftlab.report "$@"
 }
+
+# attack_jobs <sweep> <ftlab-eval overrides...>: one ftlab-eval attack per finished job of the sweep
+# (DEVICE: ftlab-eval device=, default auto)
+attack_jobs() {
+  local sweep=$1 record
+  shift
+  for record in "$sweep"/*/metrics.json; do
+    "$PY" -m ftlab.evaluate "run=$(dirname "$record")" "device=${DEVICE:-auto}" "$@"
+  done
+}
