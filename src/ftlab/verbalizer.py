@@ -134,7 +134,8 @@ class PromptBackbone(nn.Module):
 
     def _decoder_answer(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
-        # positions count real tokens only, so left and right padding give the unpadded prompt's outputs
+        # positions count real tokens only, so left and right padding give the unpadded prompt's outputs (RoPE
+        # models would anyway, being relative; models with absolute positions would not)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         decoder = self.lm._base().get_decoder()  # peft's adapters live inside its layers
         hidden = decoder(
@@ -180,16 +181,16 @@ class Verbalizer:
         from ftlab.models.backbones.text import HFTextBackbone
 
         _check_data(data)
-        tokenizer = load_tokenizer(backbone.preprocessing.tokenizer)
-        if isinstance(backbone, HFCausalLM):
-            template = check_template(self.template or DECODER_TEMPLATE, "prompt.template")
-            return PromptBackbone(backbone, PromptFormat(template), tokenizer)
-        if not isinstance(backbone, HFTextBackbone):
+        if not isinstance(backbone, HFCausalLM | HFTextBackbone):
             raise ConfigError(
                 f"prompt=verbalizer reads a language model's own output layer; model.backbone "
                 f"{type(backbone).__name__} has none. Use a decoder LLM with its LM head (model=smollm2_lm) or a "
                 "text encoder with a masked-LM head (model=bert, or model.backbone.checkpoint=<task=masked_lm run>)."
             )
+        tokenizer = load_tokenizer(backbone.preprocessing.tokenizer)
+        if isinstance(backbone, HFCausalLM):
+            template = check_template(self.template or DECODER_TEMPLATE, "prompt.template")
+            return PromptBackbone(backbone, PromptFormat(template), tokenizer)
         if tokenizer.mask_token is None:
             raise ConfigError(
                 f"prompt=verbalizer: the tokenizer of {backbone.name_or_path!r} has no mask token."
@@ -239,16 +240,12 @@ class Verbalizer:
                 f"sets it); the config has {type(head).__name__}. Leave model.head as prompt=verbalizer sets it."
             )
         weight, bias = backbone.output_rows()
-        for c, ids in enumerate(self.word_ids(backbone.tokenizer, label_names)):
+        word_ids = self.word_ids(backbone.tokenizer, label_names)
+        for c, ids in enumerate(word_ids):
             head.linear.weight[c] = weight[ids].float().mean(0)
             head.linear.bias[c] = bias[ids].float().mean() if bias is not None else 0.0
-        log.info(
-            "Verbalizer head: %s",
-            {
-                n: backbone.tokenizer.convert_ids_to_tokens(i)
-                for n, i in zip(label_names, self.word_ids(backbone.tokenizer, label_names), strict=True)
-            },
-        )
+        tokens = [backbone.tokenizer.convert_ids_to_tokens(ids) for ids in word_ids]
+        log.info("Verbalizer: %s", dict(zip(label_names, tokens, strict=True)))
 
 
 def _check_data(data: DictConfig | None) -> None:
