@@ -239,7 +239,9 @@ def contrastive_stage(
     )
     body_groups = [g for g in module.groups if g.name != HEAD]
     contrastive = ContrastiveModule(module.backbone, body_groups, stage)
-    module.backbone.requires_grad_(True)  # the whole body trains in stage 1; the policy freezes it afterwards
+    # the whole body trains in stage 1, dropout on (the policy left it frozen, in eval mode, which Lightning keeps)
+    module.backbone.requires_grad_(True)
+    contrastive.train()
     progress = (cfg.get("callbacks") or {}).get("progress_bar")
     trainer = make(
         cfg.trainer,
@@ -257,6 +259,7 @@ def contrastive_stage(
         torch.manual_seed(int(cfg.seed))
         trainer.fit(contrastive, train_dataloaders=loader)
     module.apply_policy(epoch=0)  # back to the policy's frozen body for stage 2
+    module.train(module.training)  # and its modes: frozen groups in eval mode again
     loss = trainer.callback_metrics.get("setfit/loss_epoch")
     record = {
         "setfit/pairs": len(pairs),
