@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 from ftlab.evaluate import evaluate
 from ftlab.finetuning import FinetunePolicy
 from ftlab.runs.rebuild import datamodule_for, load_run
-from ftlab.setfit import ContrastiveModule, ContrastiveStage, make_pairs
+from ftlab.setfit import ContrastiveModule, ContrastiveStage, check_run, make_pairs
 from ftlab.train import train
 from ftlab.utils.errors import ConfigError
 
@@ -234,22 +235,21 @@ def test_resume_with_other_stage_one_settings_or_a_fresh_run_in_the_folder_is_re
 # --- errors ----------------------------------------------------------------------------------------------------
 
 
-def test_image_data_regression_and_one_example_per_class_are_refused(tmp_path):
+def test_image_data_other_tasks_fsdp_and_one_example_per_class_are_refused(tmp_path):
     image = ["data=digits", "model=tiny_resnet", "finetune=setfit", f"paths.cache_dir={tmp_path}/cache"]
     with pytest.raises(ConfigError, match="single-label text classification.*image data"):
         train(compose_cfg([*image, "trainer.accelerator=cpu"], tmp_path / "image"))
-    rows = pd.DataFrame({"review": [f"text {i}" for i in range(40)], "stars": np.linspace(0, 1, 40)})
-    rows.to_csv(tmp_path / "scores.csv", index=False)
-    scores = tiny_text_overrides(tmp_path / "scores.csv", tmp_path) + [
-        "finetune=setfit",
-        "data.task=regression",
-    ]
-    with pytest.raises(ConfigError, match="data.task=regression"):
-        train(compose_cfg(scores, tmp_path / "regression"))
     with pytest.raises(ConfigError, match="at least 2 examples of every class"):
         train(compose_cfg(_overrides(tmp_path, "data.examples_per_class=1"), tmp_path / "one"))
-    for folder in ("image", "regression", "one"):
+    for folder in ("image", "one"):
         assert not (tmp_path / folder / "metrics.json").exists()
+    # the same check as the image data's, before stage 1
+    for task in ("regression", "multilabel", "token_classification"):
+        with pytest.raises(ConfigError, match=f"data.task={task} on text data"):
+            check_run(SimpleNamespace(modality="text", task=task))
+    fsdp = {"_target_": "pytorch_lightning.strategies.FSDPStrategy"}
+    with pytest.raises(ConfigError, match="does not run under FSDP"):
+        check_run(SimpleNamespace(modality="text", task="classification"), fsdp)
 
 
 def test_bad_stage_settings_and_peft_are_named():

@@ -178,7 +178,14 @@ class ContrastiveModule(pl.LightningModule):
         }
 
 
-def _check_data(datamodule: Any) -> None:
+def check_run(datamodule: Any, strategy: Any = None) -> None:
+    """Refuse what SetFit does not apply to (non-text data, tasks other than single-label classification) and
+    FSDP (stage 1 would train a sharded copy of the body; not supported)."""
+    if "fsdp" in str(strategy).lower():
+        raise ConfigError(
+            f"finetune=setfit does not run under FSDP (trainer.strategy={strategy}): its contrastive stage is a "
+            "separate fit of the body. Use a single device or trainer=ddp."
+        )
     if getattr(datamodule, "modality", None) != "text" or datamodule.task != "classification":
         raise ConfigError(
             "finetune=setfit trains a sentence encoder on pairs of labelled texts: it needs single-label text "
@@ -215,7 +222,7 @@ def contrastive_stage(
 
     ``make`` instantiates configs (``ftlab.train._instantiate``); ``resumed``: ``resume=`` was given.
     """
-    _check_data(datamodule)
+    check_run(datamodule, cfg.trainer.get("strategy"))
     stage: ContrastiveStage = module.policy.contrastive
     examples = getattr(
         datamodule.datasets["train"], "base", datamodule.datasets["train"]
