@@ -192,6 +192,11 @@ def test_masked_lm_reads_the_mask_position_through_the_mlm_head(tiny_llama):
         vocab = backbone.transform(hidden) @ backbone.lm.input_embeddings().weight.T + backbone.vocab_bias
         expected = torch.stack([vocab[:, ids[0]], vocab[:, ids[1:]].mean(-1)], -1)  # several words: the mean
         torch.testing.assert_close(module.head(right), expected, atol=1e-5, rtol=1e-5)
+    # finetune=lora: the masked-LM transform is frozen with the rest of the LM (only adapters and the head train)
+    from ftlab.finetuning import FinetunePolicy, PeftAdapter
+
+    fixed = FinetunePolicy(peft=PeftAdapter()).prepare(backbone)
+    assert {f"backbone.transform.{n}" for n, _ in backbone.transform.named_parameters()} <= fixed
 
 
 def masked_lm_run(folder: Path) -> Path:

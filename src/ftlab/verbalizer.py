@@ -106,8 +106,11 @@ class PromptBackbone(nn.Module):
         return self.lm.model
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "model":  # peft (finetune=lora) replaces backbone.model: the wrapped LM's network
+        if name == "model":  # peft (finetune=lora / ia3) replaces backbone.model: the wrapped LM's network
             self.lm.model = value
+            if self.transform is not None and hasattr(value, "peft_config"):
+                # the masked-LM transform is part of the LM that peft adapts: only adapters (and the head) train
+                self.transform.requires_grad_(False)
             return
         super().__setattr__(name, value)
 
