@@ -115,7 +115,7 @@ def test_pairs_need_two_classes_of_two_examples(labels, message):
 def test_run_folder_record_and_stage_two_trains_the_head_only(setfit_run, tmp_path):
     run = setfit_run / "run"
     metrics = read_json(run / "metrics.json")
-    assert metrics["setfit/pairs"] == 2 * ITERATIONS * 16 and metrics["setfit/steps"] == 20
+    assert metrics["setfit/pairs"] == 2 * ITERATIONS * 16
     assert {"test/acc", "test/f1", "best/val/acc"} <= set(metrics)
     assert metrics["trainable_params"] == metrics["params/head/total"]  # stage 2: the head alone
     logged = pd.read_csv(run / "csv/metrics.csv")

@@ -165,7 +165,16 @@ class ContrastiveModule(pl.LightningModule):
         embeddings = self.backbone(batch)  # (2B, H): the body's own pooling
         anchors, partners = embeddings.float().chunk(2)
         loss = F.mse_loss(F.cosine_similarity(anchors, partners, dim=-1), target)
-        self.log("setfit/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(target))
+        # sync_dist: under DDP the mean over the ranks' batches, as one process would log it
+        self.log(
+            "setfit/loss",
+            loss,
+            on_step=True,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(target),
+            sync_dist=True,
+        )
         return loss
 
     def configure_optimizers(self) -> Any:
@@ -240,8 +249,7 @@ def contrastive_stage(
     loader = DataLoader(
         PairDataset(pairs),
         batch_size=stage.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(int(cfg.seed)),
+        shuffle=True,  # from the torch stream seeded below (a Generator here breaks ddp_spawn's pickling)
         collate_fn=PairCollator(examples, datamodule.collator(cuda=False)),  # padded to the longest
     )
     body_groups = [g for g in module.groups if g.name != HEAD]
@@ -270,7 +278,6 @@ def contrastive_stage(
     loss = trainer.callback_metrics.get("setfit/loss_epoch")
     record = {
         "setfit/pairs": len(pairs),
-        "setfit/steps": int(trainer.global_step),
         "setfit/loss_epoch": round(float(loss), 6) if loss is not None else None,
     }
     if trainer.is_global_zero:
