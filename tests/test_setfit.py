@@ -109,6 +109,26 @@ def test_pairs_need_two_classes_of_two_examples(labels, message):
         make_pairs(np.array(labels), 2, None, seed=0)
 
 
+def test_examples_per_class_is_the_same_seeded_subset_for_every_method(tmp_path):
+    """data.examples_per_class: N of every class, chosen from the labels and data.seed alone (not the model or the
+    fine-tuning method), after the held-out splits; what few_shot_curve compares methods on."""
+    tiny_reviews().to_csv(tmp_path / "reviews.csv", index=False)
+    base = tiny_text_overrides(tmp_path / "reviews.csv", tmp_path) + ["data.examples_per_class=4"]
+
+    def splits(*extra: str) -> tuple[list[str], list[str], list[int]]:
+        cfg = compose_cfg([*base, *extra], tmp_path / "unused")
+        datamodule = instantiate(cfg.data, preprocessing=instantiate(cfg.model.backbone).preprocessing)
+        datamodule.setup("fit")
+        counts = np.bincount(datamodule.datasets["train"].labels).tolist()
+        return datamodule.raw_inputs("train")[0], datamodule.raw_inputs("test")[0], counts
+
+    setfit = splits("finetune=setfit")
+    assert setfit[2] == [4, 4]
+    assert splits("finetune=head_only", "model.head.dropout=0.5") == setfit
+    other = splits("finetune=setfit", "seed=7")  # data.seed is the run's seed unless set
+    assert other[0] != setfit[0] and other[1] != setfit[1] and other[2] == [4, 4]
+
+
 # --- a whole run -----------------------------------------------------------------------------------------------
 
 
