@@ -51,7 +51,7 @@ def _overrides(tmp: Path, *extra: str) -> list[str]:
         "finetune.contrastive.lr=3e-3",  # the tiny random BERT separates the labels clearly in 20 steps
         "finetune.contrastive.epochs=2",
         "finetune.lr_multipliers.head=10",
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=2",
         "callbacks.early_stopping=null",
         *extra,
     ]
@@ -115,9 +115,10 @@ def test_examples_per_class_is_the_same_seeded_subset_for_every_method(tmp_path)
     tiny_reviews().to_csv(tmp_path / "reviews.csv", index=False)
     base = tiny_text_overrides(tmp_path / "reviews.csv", tmp_path) + ["data.examples_per_class=4"]
 
+    preprocessing = instantiate(compose_cfg(base).model.backbone).preprocessing  # the tokenizer
+
     def splits(*extra: str) -> tuple[list[str], list[str], list[int]]:
-        cfg = compose_cfg([*base, *extra], tmp_path / "unused")
-        datamodule = instantiate(cfg.data, preprocessing=instantiate(cfg.model.backbone).preprocessing)
+        datamodule = instantiate(compose_cfg([*base, *extra]).data, preprocessing=preprocessing)
         datamodule.setup("fit")
         counts = np.bincount(datamodule.datasets["train"].labels).tolist()
         return datamodule.raw_inputs("train")[0], datamodule.raw_inputs("test")[0], counts

@@ -224,36 +224,19 @@ def _reuse_body(path: Path, key: str, backbone: torch.nn.Module) -> dict[str, An
     return dict(saved["record"])
 
 
-def contrastive_stage(
-    cfg: Any, module: Any, datamodule: Any, loggers: list[Any], make: Any, resumed: bool
-) -> dict[str, Any]:
-    """Run stage 1 on ``module.backbone`` (in place) or read its saved result; returns ``setfit/*`` record values.
-
-    ``make`` instantiates configs (``ftlab.train._instantiate``); ``resumed``: ``resume=`` was given.
-    """
-    check_run(datamodule, cfg.trainer.get("strategy"))
-    stage: ContrastiveStage = module.policy.contrastive
-    examples = getattr(
-        datamodule.datasets["train"], "base", datamodule.datasets["train"]
-    )  # clean, not augmented
-    key = _key(stage, int(cfg.seed), examples)
-    path = Path(cfg.paths.output_dir) / folder.SETFIT_BODY_FILE
-    if path.exists():
-        if resumed:
-            return _reuse_body(path, key, module.backbone)
-        raise ConfigError(
-            f"The run folder {path.parent} already holds a SetFit body ({path.name}) from an earlier run; continue "
-            f"that run with resume={path.parent}, or choose another hydra.run.dir."
-        )
-    pairs = make_pairs(np.asarray(examples.labels), stage.num_iterations, stage.pairs, int(cfg.seed))
-    loader = DataLoader(
+def _pair_loader(pairs: np.ndarray, examples: Any, datamodule: Any, stage: ContrastiveStage) -> DataLoader:
+    return DataLoader(
         PairDataset(pairs),
         batch_size=stage.batch_size,
-        shuffle=True,  # from the torch stream seeded below (a Generator here breaks ddp_spawn's pickling)
+        shuffle=True,  # from the torch stream seeded in _fit_body (a Generator here breaks ddp_spawn's pickling)
         collate_fn=PairCollator(examples, datamodule.collator(cuda=False)),  # padded to the longest
     )
-    body_groups = [g for g in module.groups if g.name != HEAD]
-    contrastive = ContrastiveModule(module.backbone, body_groups, stage)
+
+
+def _fit_body(cfg: Any, module: Any, loader: DataLoader, loggers: list[Any], make: Any) -> Any:
+    """Stage 1's Lightning fit: ``cfg.trainer`` (devices, precision, clipping) without validation or checkpoints."""
+    stage: ContrastiveStage = module.policy.contrastive
+    contrastive = ContrastiveModule(module.backbone, [g for g in module.groups if g.name != HEAD], stage)
     # the whole body trains in stage 1, dropout on (the policy left it frozen, in eval mode, which Lightning keeps)
     module.backbone.requires_grad_(True)
     contrastive.train()
@@ -275,6 +258,31 @@ def contrastive_stage(
         trainer.fit(contrastive, train_dataloaders=loader)
     module.apply_policy(epoch=0)  # back to the policy's frozen body for stage 2
     module.train(module.training)  # and its modes: frozen groups in eval mode again
+    return trainer
+
+
+def contrastive_stage(
+    cfg: Any, module: Any, datamodule: Any, loggers: list[Any], make: Any, resumed: bool
+) -> dict[str, Any]:
+    """Run stage 1 on ``module.backbone`` (in place) or read its saved result; returns ``setfit/*`` record values.
+
+    ``make`` instantiates configs (``ftlab.train._instantiate``); ``resumed``: ``resume=`` was given.
+    """
+    check_run(datamodule, cfg.trainer.get("strategy"))
+    stage: ContrastiveStage = module.policy.contrastive
+    train = datamodule.datasets["train"]
+    examples = getattr(train, "base", train)  # the clean examples under data.text_augment
+    key = _key(stage, int(cfg.seed), examples)
+    path = Path(cfg.paths.output_dir) / folder.SETFIT_BODY_FILE
+    if path.exists():
+        if resumed:
+            return _reuse_body(path, key, module.backbone)
+        raise ConfigError(
+            f"The run folder {path.parent} already holds a SetFit body ({path.name}) from an earlier run; continue "
+            f"that run with resume={path.parent}, or choose another hydra.run.dir."
+        )
+    pairs = make_pairs(np.asarray(examples.labels), stage.num_iterations, stage.pairs, int(cfg.seed))
+    trainer = _fit_body(cfg, module, _pair_loader(pairs, examples, datamodule, stage), loggers, make)
     loss = trainer.callback_metrics.get("setfit/loss_epoch")
     record = {
         "setfit/pairs": len(pairs),
@@ -284,7 +292,5 @@ def contrastive_stage(
         state = {k: v.detach().cpu() for k, v in module.backbone.state_dict().items()}
         saved = {"state_dict": state, "key": key, "record": record}
         atomic_write(path, lambda tmp: torch.save(saved, tmp), point="setfit_body")
-    log.info(
-        "SetFit stage 1: %d pairs, %d steps, last epoch's loss %s.", len(pairs), trainer.global_step, loss
-    )
+    log.info("SetFit stage 1: %d pairs, last epoch's loss %s.", len(pairs), loss)
     return record
