@@ -127,13 +127,13 @@ class PromptBackbone(nn.Module):
             return self._decoder_answer(batch)
         hidden = self.lm.token_features(batch)  # (B, T, H)
         hits = torch.eq(batch["input_ids"], int(self.mask_id or 0))
-        if not bool((hits.sum(-1) == 1).all()):
+        # (a data-dependent check: skipped while torch.export / compile traces the model)
+        if not torch.compiler.is_compiling() and not bool((hits.sum(-1) == 1).all()):
             raise DataError(
                 "A prompted input does not hold exactly one mask token (the template's {mask}); inputs must be "
                 "encoded by the run's data module (prompt=verbalizer puts each text into the template)."
             )
-        rows = torch.arange(len(hidden), device=hidden.device)
-        return self.transform(hidden[rows, hits.int().argmax(-1)])
+        return self.transform(_at(hidden, hits.int().argmax(-1)))
 
     def _decoder_answer(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["attention_mask"]
@@ -145,7 +145,7 @@ class PromptBackbone(nn.Module):
             input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, use_cache=False
         ).last_hidden_state  # (B, T, H), after the final norm
         last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # the last real token, either padding side
-        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        return _at(hidden, last)
 
     def output_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM's output layer: weight (V, H) and bias (V,) or None."""
@@ -154,6 +154,13 @@ class PromptBackbone(nn.Module):
             return embeddings.weight, self.vocab_bias
         out: Any = self.lm._base().get_output_embeddings()
         return out.weight, getattr(out, "bias", None)
+
+
+def _at(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, positions[b]]`` for every row: (B, T, H), (B,) -> (B, H); a gather, so torch.export keeps the
+    batch size dynamic."""
+    index = positions.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
+    return hidden.gather(1, index).squeeze(1)
 
 
 class Verbalizer:
