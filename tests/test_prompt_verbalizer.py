@@ -22,7 +22,7 @@ from ftlab.prompting import PromptFormat
 from ftlab.runs.rebuild import datamodule_for, load_run
 from ftlab.train import train
 from ftlab.utils import assets
-from ftlab.utils.errors import ConfigError
+from ftlab.utils.errors import ConfigError, DataError
 from ftlab.verbalizer import Verbalizer, VerbalizerHead
 
 from conftest import CONF_DIR, compose_cfg, read_json, tiny_reviews, tiny_text_overrides
@@ -75,6 +75,13 @@ def test_truncation_cuts_the_text_and_keeps_the_answer_slot(tiny_llama):
     assert long.startswith(bert.decode(cut[1:-5]))  # the text's start survives, its end is cut
     # a [MASK] typed inside the text is not a second answer slot
     assert masked.encode(bert, ["[MASK] film"], 16)[0].count(bert.mask_token_id) == 1
+    # text pairs: both texts cut, the longer one first, the template (and its one mask) whole
+    pair = PromptFormat("{text} ? {mask} , {pair}", bert.mask_token)
+    (both,) = pair.encode(bert, [long], 20, pairs=["a short second text"])
+    assert len(both) == 20 and both.count(bert.mask_token_id) == 1
+    assert bert.decode(both[-6:]).endswith("a short second text [SEP]")  # the shorter text whole
+    with pytest.raises(DataError, match="holds {pair}, one for single texts does not"):
+        masked.encode(bert, ["a film"], 16, pairs=["another"])
     words = load_tokenizer(str(tiny_llama))
     decoder = PromptFormat("Review: {text}\nSentiment:")
     (row,) = decoder.encode(words, [" ".join(["great film"] * 20)], 8)
@@ -99,6 +106,7 @@ def test_truncation_cuts_the_text_and_keeps_the_answer_slot(tiny_llama):
         ({"template": "Review: {text} {mask}"}, False, "without {mask}"),
         ({"template": "{text} It was good."}, True, "the fields {text} and {mask}, once each"),
         ({"template": "{text} {mask} {label}"}, True, "no other field"),
+        ({"template": "{text} {mask} {pair}"}, True, "must contain the fields {text} and {mask}, once each"),
         ({"multi_token": "mean"}, False, "prompt.multi_token='mean' is not one of error, first"),
     ],
 )
@@ -376,3 +384,19 @@ def test_smollm2_verbalizer_with_lora_on_16_rotten_tomatoes_reviews_per_class(tm
     metrics = train(compose_cfg(overrides, tmp_path / "run"))
     assert metrics["test/acc"] >= 0.65 and np.isfinite(metrics["test/loss"])
     assert metrics["trainable_params"] < 0.05 * metrics["total_params"]  # adapters and the head
+
+
+def test_text_pairs_fill_the_pair_template(tmp_path):
+    rows = [("a fine film", "the film is good", "yes"), ("a fine film", "the film is bad", "no")] * 12
+    csv = tmp_path / "pairs.csv"
+    pd.DataFrame(rows, columns=["review", "claim", "stars"]).to_csv(csv, index=False)
+    overrides = tiny_text_overrides(csv, tmp_path) + [
+        "prompt=verbalizer",
+        "data.text_pair_column=claim",
+        "data.max_length=24",
+        "trainer.max_epochs=1",
+    ]
+    cfg = compose_cfg(overrides, tmp_path / "run")
+    assert np.isfinite(train(cfg)["test/loss"])  # labels "no" / "yes": single tokens, the default words
+    backbone = Verbalizer().wrap(tiny_bert(), cfg.data)
+    assert backbone.preprocessing.prompt.template == "{text} ? {mask} , {pair}"  # LM-BFF's pair template

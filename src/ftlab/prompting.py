@@ -12,7 +12,7 @@ from typing import Any
 
 from ftlab.utils.errors import ConfigError, DataError
 
-TEXT, MASK = "text", "mask"
+TEXT, PAIR, MASK = "text", "pair", "mask"
 
 
 def template_fields(template: str) -> list[str]:
@@ -20,13 +20,19 @@ def template_fields(template: str) -> list[str]:
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
 
 
-def check_template(template: str, key: str, masked: bool = False) -> str:
-    """``template`` if it has ``{text}`` once (and, ``masked``, ``{mask}`` once) and no other field."""
+def check_template(template: str, key: str, masked: bool = False, pair: bool = False) -> str:
+    """``template`` if it has ``{text}`` once (``masked``: ``{mask}`` once; ``pair``: ``{pair}`` once, the second
+    text of text pairs) and no other field."""
     fields = template_fields(str(template))
-    wanted = [TEXT, MASK] if masked else [TEXT]
+    wanted = [TEXT] + ([PAIR] if pair else []) + ([MASK] if masked else [])
     if sorted(fields) != sorted(wanted):
-        example = "'{text} It was {mask}.'" if masked else "'Review: {text}\\nSentiment:'"
-        what = "the fields {text} and {mask}, once each," if masked else "the field {text}"
+        example = (
+            ("'{text} ? {mask} , {pair}'" if pair else "'{text} It was {mask}.'")
+            if masked
+            else ("'{text}\\nQuestion: {pair}\\nAnswer:'" if pair else "'Review: {text}\\nSentiment:'")
+        )
+        named = " and ".join("{" + f + "}" for f in wanted)
+        what = f"the fields {named}, once each," if len(wanted) > 1 else "the field {text}"
         hint = (
             " A decoder reads its answer after the template's last token: end the template where the label "
             "word would follow, without {mask}."
@@ -78,42 +84,49 @@ class PromptFormat:
         """What the token ids depend on besides the tokenizer and the texts (the tokenization cache's key)."""
         return f"prompt\x02{self.template}\x02{self.mask_token}"
 
-    def fill(self, text: str) -> str:
+    def fill(self, text: str, pair: str = "") -> str:
         if self.mask_token is None:
-            return self.template.format(text=text)
-        # a mask token inside the text would be a second answer slot: the template's is the only one
-        return self.template.format(text=text.replace(self.mask_token, " "), mask=self.mask_token)
+            return self.template.format(text=text, pair=pair)
+        # a mask token inside a text would be a second answer slot: the template's is the only one
+        blank = self.mask_token
+        return self.template.format(text=text.replace(blank, " "), pair=pair.replace(blank, " "), mask=blank)
 
     def encode(
         self, tokenizer: Any, texts: list[str], max_length: int, pairs: list[str] | None = None
     ) -> list[list[int]]:
         """Token ids of each filled template (with the tokenizer's special tokens), at most ``max_length``."""
-        if pairs is not None:
+        if (PAIR in template_fields(self.template)) != (pairs is not None):
             raise DataError(
-                "prompt templates take one text ({text}); the data has text pairs (data.text_pair_column). "
-                "Use single-text data with a prompt, or set data.text_pair_column=null."
+                f"The prompt template {self.template!r} and the data do not match: a template for text pairs "
+                "(data.text_pair_column) holds {pair}, one for single texts does not. Fix prompt.template or "
+                "data.text_pair_column."
             )
-        ids = tokenizer([self.fill(t) for t in texts])["input_ids"]
+        seconds = pairs if pairs is not None else [""] * len(texts)
+        ids = tokenizer([self.fill(t, p) for t, p in zip(texts, seconds, strict=True)])["input_ids"]
         return [
-            list(row) if len(row) <= max_length else self._fit(tokenizer, text, max_length)
-            for text, row in zip(texts, ids, strict=True)
+            list(row) if len(row) <= max_length else self._fit(tokenizer, text, pair, max_length)
+            for text, pair, row in zip(texts, seconds, ids, strict=True)
         ]
 
-    def _fit(self, tokenizer: Any, text: str, max_length: int) -> list[int]:
-        """The template around the longest start of ``text`` that fits ``max_length`` tokens."""
-        overhead = len(tokenizer(self.fill(""))["input_ids"])
+    def _fit(self, tokenizer: Any, text: str, pair: str, max_length: int) -> list[int]:
+        """The template around the longest starts of ``text`` (and ``pair``: the longer one is cut first) that fit
+        ``max_length`` tokens."""
+        overhead = len(tokenizer(self.fill("", ""))["input_ids"])
         if overhead >= max_length:
             raise ConfigError(
                 f"The prompt template {self.template!r} alone takes {overhead} tokens, data.max_length="
                 f"{max_length} leaves no room for the text. Raise data.max_length or shorten prompt.template."
             )
-        ends = _token_ends(tokenizer, text)
-        keep = min(len(ends), max_length - overhead)
+        ends = [_token_ends(tokenizer, text), _token_ends(tokenizer, pair) if pair else []]
+        keep = [len(ends[0]), len(ends[1])]
         while True:  # joint tokenization may merge across the seams: cut further until it fits
-            ids = tokenizer(self.fill(text[: ends[keep - 1]] if keep else ""))["input_ids"]
-            if len(ids) <= max_length or keep == 0:
+            cut = [t[: e[k - 1]] if k else "" for t, e, k in zip((text, pair), ends, keep, strict=True)]
+            ids = tokenizer(self.fill(*cut))["input_ids"]
+            if len(ids) <= max_length or keep == [0, 0]:
                 return list(ids)
-            keep = max(0, keep - max(1, len(ids) - max_length))
+            for _ in range(len(ids) - max_length):  # longest first, as tokenizers truncate pairs
+                if keep != [0, 0]:
+                    keep[int(keep[1] > keep[0])] -= 1
 
 
 def _token_ends(tokenizer: Any, text: str) -> list[int]:

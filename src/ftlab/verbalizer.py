@@ -30,8 +30,12 @@ from ftlab.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-DECODER_TEMPLATE = "Review: {text}\nSentiment:"  # zero_shot=llm's default prompt
-MASKED_TEMPLATE = "{text} It was {mask}."  # LM-BFF's template for SST-2
+# the defaults, (decoder, masked LM): zero_shot=llm's prompt and LM-BFF's SST-2 template; for text pairs,
+# LM-BFF's MNLI/RTE template and its decoder counterpart
+TEMPLATES = {
+    False: ("Review: {text}\nSentiment:", "{text} It was {mask}."),
+    True: ("{text}\nQuestion: {pair}\nAnswer:", "{text} ? {mask} , {pair}"),
+}
 MULTI_TOKEN = ("error", "first")
 
 
@@ -167,8 +171,9 @@ class Verbalizer:
     """``prompt=verbalizer``: the template and label words of prompt-based fine-tuning.
 
     Args:
-        template: with ``{text}``; a masked LM's also ``{mask}``. ``null``: ``"Review: {text}\\nSentiment:"``
-            (decoder) or ``"{text} It was {mask}."`` (masked LM).
+        template: with ``{text}``; a masked LM's also ``{mask}``; for text pairs also ``{pair}``. ``null``:
+            :data:`TEMPLATES` (``"Review: {text}\\nSentiment:"`` for a decoder, ``"{text} It was {mask}."`` for a
+            masked LM).
         label_words: ``{label name: word or [words]}``; ``null``: the label names themselves.
         multi_token: a word of several tokens: ``error`` (LM-BFF's single-token words), or ``first`` (its first
             token, logged).
@@ -190,7 +195,7 @@ class Verbalizer:
         from ftlab.models.backbones.causal_lm import HFCausalLM
         from ftlab.models.backbones.text import HFTextBackbone
 
-        _check_data(data)
+        pair = _check_data(data)
         if not isinstance(backbone, HFCausalLM | HFTextBackbone):
             raise ConfigError(
                 f"prompt=verbalizer reads a language model's own output layer; model.backbone "
@@ -199,13 +204,13 @@ class Verbalizer:
             )
         tokenizer = load_tokenizer(backbone.preprocessing.tokenizer)
         if isinstance(backbone, HFCausalLM):
-            template = check_template(self.template or DECODER_TEMPLATE, "prompt.template")
+            template = check_template(self.template or TEMPLATES[pair][0], "prompt.template", pair=pair)
             return PromptBackbone(backbone, PromptFormat(template), tokenizer)
         if tokenizer.mask_token is None:
             raise ConfigError(
                 f"prompt=verbalizer: the tokenizer of {backbone.name_or_path!r} has no mask token."
             )
-        template = check_template(self.template or MASKED_TEMPLATE, "prompt.template", masked=True)
+        template = check_template(self.template or TEMPLATES[pair][1], "prompt.template", True, pair)
         mlm_head = _masked_lm_head(backbone)
         prompt_backbone = PromptBackbone(
             backbone, PromptFormat(template, tokenizer.mask_token), tokenizer, MaskTransform(mlm_head)
@@ -258,9 +263,10 @@ class Verbalizer:
         log.info("Verbalizer: %s", dict(zip(label_names, tokens, strict=True)))
 
 
-def _check_data(data: DictConfig | None) -> None:
+def _check_data(data: DictConfig | None) -> bool:
+    """Refuse data the verbalizer cannot serve; whether the data has text pairs (``{pair}`` in the template)."""
     if data is None:
-        return
+        return False
     if data.get("task", "classification") != "classification":
         raise ConfigError(
             f"prompt=verbalizer classifies texts with label words; data.task={data.get('task')} is not "
@@ -271,6 +277,7 @@ def _check_data(data: DictConfig | None) -> None:
             "prompt=verbalizer with data.text_augment: augmented copies are tokenized without the template. "
             "Set data.text_augment=null."
         )
+    return bool(data.get("text_pair_column"))
 
 
 def _masked_lm_head(backbone: Any) -> Any:

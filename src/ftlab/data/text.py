@@ -172,7 +172,7 @@ def tokenize_cached(
         "input_ids": np.concatenate([np.asarray(ids, dtype=np.int32) for ids in encoded["input_ids"]]),
         "offsets": np.concatenate([[0], np.cumsum(lengths)]),
     }
-    if pairs is not None:
+    if pairs is not None and prompt is None:  # a prompt holds both texts in one segment
         arrays["token_type_ids"] = np.concatenate(
             [np.asarray(t, dtype=np.int8) for t in encoded["token_type_ids"]]
         )
