@@ -13,7 +13,7 @@ run_sweep adversarial_text_adv experiment=adversarial_text adversarial=fgm,pgd,f
 adversarial=$SWEEP
 for sweep in "$plain" "$adversarial"; do
   attack_jobs "$sweep" attack=char_noise 'attack.rate=[0.05,0.1]'
-  attack_jobs "$sweep" attack=embedding_pgd 'attack.epsilon=[0.5,1.0]' attack.steps=3
+  attack_jobs "$sweep" attack=embedding_pgd 'attack.epsilon=[0.1,0.3]' attack.steps=3
 done
 report "$plain" "$adversarial"
 "$PY" -m ftlab.robustness.table "$plain" "$adversarial"

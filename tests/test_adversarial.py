@@ -73,6 +73,24 @@ def test_pgd_and_freelb_stay_in_the_ball(text_module):
     assert len(seen) == 4 and (norms <= 0.3 + 1e-5).all() and norms[0].max() == 0  # zero start
 
 
+def test_unset_epsilon_and_alpha_follow_the_perturbed_input(text_module):
+    """epsilon null: 0.1 in L2 per example on word embeddings (FGM's step is exactly that), 8/255 in L-inf on
+    pixels; alpha null: 2.5 epsilon / steps for PGD, epsilon / steps for FreeLB."""
+    seen = embedding_passes(text_module, labelled_text(), FGM())
+    assert (seen[1] - seen[0]).flatten(1).norm(dim=1).tolist() == pytest.approx([0.1] * 4, rel=1e-5)
+    pgd, freelb = PGD(steps=4), FreeLB(steps=2)
+    embedding_passes(text_module, labelled_text(), pgd)
+    embedding_passes(text_module, labelled_text(), freelb)
+    assert (pgd.epsilon, pgd.alpha, freelb.alpha) == pytest.approx((0.1, 0.0625, 0.05))
+    image_module = make_module(TorchvisionResNet("tiny_resnet", input_size=16), FinetunePolicy())
+    image_module.adversarial = pgd = PGD(steps=4)
+    batch = {"pixel_values": torch.randn(2, 3, 16, 16), "labels": torch.tensor([0, 1])}
+    image_module.training_step(batch, 0).backward()
+    assert (pgd.epsilon, pgd.alpha) == pytest.approx((8 / 255, 2.5 * 8 / 255 / 4))
+    with pytest.raises(ConfigError, match="adversarial.alpha=0 must be > 0 .or null"):
+        PGD(alpha=0)
+
+
 def test_random_start_is_seeded_by_batch_not_by_global_state(text_module):
     first = embedding_passes(text_module, labelled_text(), PGD(0.5, 0.2, steps=1, seed=3))
     torch.manual_seed(123)  # the global stream moves (dropout), the start does not

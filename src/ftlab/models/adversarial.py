@@ -32,6 +32,10 @@ from ftlab.models.backbones.contract import EmbeddingBackbone
 from ftlab.utils.errors import ConfigError
 
 NORMS = ("l2", "linf")
+# epsilon: null in the configs: L2 per example on word embeddings (a tenth of one token's embedding norm in MiniLM,
+# mean 1.07; at 0.3 and 1.0 FGM training of MiniLM on 1,000 reviews stalled at the majority class after one epoch,
+# docs/robustness.md), L-inf per pixel on images (the usual CIFAR radius)
+DEFAULT_EPSILON = {"embeddings": 0.1, "pixels": 8 / 255}
 
 
 def _l2(x: torch.Tensor) -> torch.Tensor:
@@ -145,16 +149,31 @@ class Adversary:
 
     needs_clean_grad = False  # whether the clean pass's gradient with respect to delta is used
 
-    def __init__(self, epsilon: float, norm: str | None = None, clean_loss: bool = True, seed: int = 0):
-        if not epsilon > 0:
-            raise ConfigError(f"adversarial.epsilon={epsilon} must be > 0 (the radius of the perturbation).")
+    def __init__(
+        self, epsilon: float | None = None, norm: str | None = None, clean_loss: bool = True, seed: int = 0
+    ):
+        if epsilon is not None and not epsilon > 0:
+            raise ConfigError(
+                f"adversarial.epsilon={epsilon} must be > 0 (the radius of the perturbation), or null for the "
+                f"default of the perturbed input ({DEFAULT_EPSILON})."
+            )
         if norm is not None and norm not in NORMS:
             raise ConfigError(f"adversarial.norm={norm!r} is not one of l2, linf (or null for the default).")
-        self.epsilon, self.norm, self.clean_loss, self.seed = float(epsilon), norm, clean_loss, int(seed)
+        self.norm, self.clean_loss, self.seed = norm, clean_loss, int(seed)
+        self.epsilon_setting = None if epsilon is None else float(epsilon)
+        self.epsilon = (
+            self.epsilon_setting if self.epsilon_setting is not None else DEFAULT_EPSILON["embeddings"]
+        )
+
+    def resolve(self, site: Any) -> None:
+        """The radius (and what follows from it) for ``site`` when the config left ``epsilon`` null."""
+        if self.epsilon_setting is None:
+            self.epsilon = DEFAULT_EPSILON["pixels" if isinstance(site, PixelSite) else "embeddings"]
 
     def training_loss(self, module: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The step's loss; the module logs the clean loss and metrics (``module._step``) as in plain training."""
         site = site_for(module, batch)
+        self.resolve(site)
         norm = self.norm or ("linf" if isinstance(site, PixelSite) else "l2")
         try:
             zero = torch.zeros(site.shape, device=site.device, requires_grad=self.needs_clean_grad)
@@ -222,15 +241,16 @@ class PGD(Adversary):
     ε-ball, from a random start (``random_start``) or from the clean input; trains on the last perturbation.
 
     Args:
-        alpha: step size (L2 per example on embeddings; per entry, pixel units, with ``linf``).
+        alpha: step size (L2 per example on embeddings; per entry, pixel units, with ``linf``); ``None``:
+            2.5 ε / K (Madry et al.'s rule).
         steps: ascent steps K.
         random_start: start from a uniform point of the ball (Madry et al.) instead of the clean input.
     """
 
     def __init__(
         self,
-        epsilon: float,
-        alpha: float,
+        epsilon: float | None = None,
+        alpha: float | None = None,
         steps: int = 3,
         random_start: bool = True,
         norm: str | None = None,
@@ -238,10 +258,20 @@ class PGD(Adversary):
         seed: int = 0,
     ):
         super().__init__(epsilon, norm, clean_loss, seed)
-        if not alpha > 0 or steps < 1:
-            raise ConfigError(f"adversarial.alpha={alpha} must be > 0 and adversarial.steps={steps} >= 1.")
-        self.alpha, self.steps, self.random_start = float(alpha), int(steps), random_start
+        if (alpha is not None and not alpha > 0) or steps < 1:
+            raise ConfigError(
+                f"adversarial.alpha={alpha} must be > 0 (or null: 2.5 epsilon / steps) and "
+                f"adversarial.steps={steps} >= 1."
+            )
+        self.alpha_setting, self.steps, self.random_start = alpha, int(steps), random_start
+        self.alpha = 0.0
+        self.resolve(None)
         self.needs_clean_grad = not random_start  # the first step from the clean input reuses the clean pass
+
+    def resolve(self, site: Any) -> None:
+        if site is not None:
+            super().resolve(site)
+        self.alpha = float(self.alpha_setting) if self.alpha_setting else 2.5 * self.epsilon / self.steps
 
     def attack(
         self, module: Any, site: Any, norm: str, clean: torch.Tensor, zero: torch.Tensor, batch_idx: int
@@ -279,15 +309,15 @@ class FreeLB(Adversary):
     users found necessary).
 
     Args:
-        alpha: ascent step size (per example L2 on embeddings).
+        alpha: ascent step size (per example L2 on embeddings); ``None``: ε / K.
         steps: ascent steps K (the paper: 2-3 on GLUE).
-        init_magnitude: radius of the random start (0: start from the clean input).
+        init_magnitude: radius of the random start, at most ε (0: start from the clean input).
     """
 
     def __init__(
         self,
-        epsilon: float,
-        alpha: float,
+        epsilon: float | None = None,
+        alpha: float | None = None,
         steps: int = 3,
         init_magnitude: float = 0.0,
         norm: str | None = None,
@@ -295,12 +325,19 @@ class FreeLB(Adversary):
         seed: int = 0,
     ):
         super().__init__(epsilon, norm, clean_loss, seed)
-        if not alpha > 0 or steps < 1 or init_magnitude < 0:
+        if (alpha is not None and not alpha > 0) or steps < 1 or init_magnitude < 0:
             raise ConfigError(
-                f"adversarial.alpha={alpha} must be > 0, adversarial.steps={steps} >= 1 and "
-                f"adversarial.init_magnitude={init_magnitude} >= 0."
+                f"adversarial.alpha={alpha} must be > 0 (or null: epsilon / steps), adversarial.steps={steps} "
+                f">= 1 and adversarial.init_magnitude={init_magnitude} >= 0."
             )
-        self.alpha, self.steps, self.init_magnitude = float(alpha), int(steps), float(init_magnitude)
+        self.alpha_setting, self.steps, self.init_magnitude = alpha, int(steps), float(init_magnitude)
+        self.alpha = 0.0
+        self.resolve(None)
+
+    def resolve(self, site: Any) -> None:
+        if site is not None:
+            super().resolve(site)
+        self.alpha = float(self.alpha_setting) if self.alpha_setting else self.epsilon / self.steps
 
     def attack(
         self, module: Any, site: Any, norm: str, clean: torch.Tensor, zero: torch.Tensor, batch_idx: int
