@@ -16,7 +16,6 @@ import sys
 from typing import Any
 
 import runners
-import torch
 from omegaconf import DictConfig
 
 CASE = "smollm2_rt128/lora"
@@ -57,28 +56,4 @@ def run_plain_peft(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> d
     )
     backbone.model = peft.get_peft_model(backbone.model, config)
     model = runners.Classifier(backbone, head, frozen=0)
-    device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
-    bf16 = str(cfg.trainer.get("precision")).startswith("bf16")  # autocast, as Lightning's bf16-mixed
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
-    )
-    scheduler = runners._schedule(optimizer, warmup + steps + tail)
-    gate = runners.ring()
-    gate.reset(warmup, steps, tail)
-    gate.start()
-    while not gate.finished:
-        for batch in datamodule.train_dataloader():
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch)["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            gate.step_end()
-            if gate.finished:
-                break
-    return gate.result()
+    return runners.plain_loop(cfg, model, datamodule, warmup, steps, tail)

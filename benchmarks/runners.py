@@ -173,6 +173,13 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[s
     """The reference: a hand-written loop over the same loader, AdamW, clipping, linear warmup/decay."""
     backbone, head, datamodule = build_parts(cfg)
     model = Classifier(backbone, head, frozen_groups(cfg, backbone))
+    return plain_loop(cfg, model, datamodule, warmup, steps, tail)
+
+
+def plain_loop(
+    cfg: DictConfig, model: nn.Module, datamodule: Any, warmup: int, steps: int, tail: int = 1
+) -> dict[str, Any]:
+    """The hand-written training loop of the plain runners (``run_plain``, ``llm_lora.run_plain_peft``)."""
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     bf16 = str(cfg.trainer.get("precision")).startswith("bf16")  # autocast, as Lightning's bf16-mixed
     model.to(device).train()
