@@ -184,7 +184,9 @@ def test_regression_task_learns_with_mse(tmp_path):
         "trainer.max_epochs=6",
     ]
     metrics = train(compose_cfg(overrides, tmp_path / "run"))
-    assert metrics["monitor"] == "val/mse" and "best/val/mse" in metrics  # the task's metric, without monitor=
+    assert (
+        metrics["monitor"] == "val/mse" and "best/val/mse" in metrics
+    )  # the task's metric, without monitor=
     assert {"test/mse", "test/mae", "test/r2"} <= set(metrics) and "test/acc" not in metrics
     # the stratified test split holds as many -1s as +1s: predicting their mean (0) has MSE 1.0, any constant >= 1.0;
     # the model must at least halve that (measured here: 4 epochs on 48 texts already reach 0.42)

@@ -107,7 +107,9 @@ def _task_monitor(task: str) -> str:
     from ftlab.tasks import TASKS  # a task the user registered (importing it already imported torch)
 
     cls = TASKS.get(task)
-    return cls.monitor if cls is not None else "val/acc"  # an unknown task is refused with its own message later
+    return (
+        cls.monitor if cls is not None else "val/acc"
+    )  # an unknown task is refused with its own message later
 
 
 def _monitor_mode(monitor: str) -> str:
