@@ -42,7 +42,7 @@ def test_help_lists_ftlab_groups_and_the_users_own(tmp_path, monkeypatch, capsys
     assert exit_.value.code == 0
     data_line = next(line for line in out.splitlines() if line.startswith("data: "))
     assert "my_reviews" in data_line and "rotten_tomatoes" in data_line
-    assert "finetune: " in out and "== Config ==" in out and "monitor: val/acc" in out
+    assert "finetune: " in out and "== Config ==" in out and "monitor: ${ftlab.task_monitor:" in out
 
 
 @pytest.mark.parametrize(
