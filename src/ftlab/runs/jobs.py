@@ -106,10 +106,8 @@ def _task_monitor(task: str) -> str:
         return BUILTIN_MONITORS[task]
     from ftlab.tasks import TASKS  # a task the user registered (importing it already imported torch)
 
-    cls = TASKS.get(task)
-    return (
-        cls.monitor if cls is not None else "val/acc"
-    )  # an unknown task is refused with its own message later
+    cls = TASKS.get(task)  # an unknown task is refused with its own message later; val/acc until then
+    return cls.monitor if cls is not None else "val/acc"
 
 
 def _monitor_mode(monitor: str) -> str:
