@@ -103,6 +103,17 @@ def test_few_shot_and_subset_sizes():
     assert len(sub.datasets["train"]) == 100 and len(set(sub.datasets["train"].labels.tolist())) == 10
 
 
+def test_max_eval_examples_cuts_held_out_images_only():
+    full = ImageClassificationDataModule(RGB, source="digits", seed=2)
+    cut = ImageClassificationDataModule(RGB, source="digits", seed=2, max_eval_examples=50)
+    for dm in (full, cut):
+        dm.setup()
+    assert len(cut.datasets["train"]) == len(full.datasets["train"])
+    for split in ("validation", "test"):
+        assert len(full.datasets[split]) > 50 and len(cut.datasets[split]) == 50
+        assert len(set(cut.datasets[split].labels.tolist())) == 10  # stratified: every digit kept
+
+
 def test_mnist5k_split_is_seeded():
     a = ImageClassificationDataModule(RGB, source="mnist5k", seed=3)
     b = ImageClassificationDataModule(RGB, source="mnist5k", seed=3)

@@ -124,3 +124,31 @@ def test_categorical_sweep_gets_a_bar_plot_of_its_rows(tmp_path: Path):
     assert (tmp_path / "plot_settings.png").read_bytes()[:4] == b"\x89PNG"
     table = result["table"].set_index("finetune")
     assert table.loc["head_only", "test/acc mean"] == pytest.approx(0.71)
+
+
+def test_rows_without_the_x_key_are_horizontal_lines_on_its_plot(tmp_path: Path, monkeypatch):
+    """A few-shot curve (method x examples per class) and a zero-shot sweep that never sets examples_per_class:
+    the zero-shot mean is a dashed line across the curve's plot, not a reason to skip the plot."""
+    curve, flat = tmp_path / "curve", tmp_path / "zero"
+    num = 0
+    for method, base in (("full", 0.6), ("setfit", 0.65)):
+        for k in (8, 16, 32):
+            for seed in (1, 2):
+                acc = base + k / 1000 + seed / 100
+                over = [f"+method={method}", f"data.examples_per_class={k}", f"seed={seed}"]
+                _job(curve, num, over, {"test/acc": acc, "best/val/acc": acc}, {"status": "completed"})
+                num += 1
+    for seed, acc in ((1, 0.55), (2, 0.57)):
+        _job(flat, seed, ["+method=zero_shot", f"seed={seed}"], {"test/acc": acc}, {"status": "completed"})
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append((fig, path)))
+    result = report.report([curve, flat], metrics=["test/acc"])
+    [(fig, path)] = figures
+    assert path.name == "plot_data.examples_per_class.png"
+    ax = fig.axes[0]
+    flat_lines = [line for line in ax.get_lines() if line.get_label() == "zero_shot"]
+    assert len(flat_lines) == 1 and list(flat_lines[0].get_ydata()) == pytest.approx([0.56, 0.56])
+    curves = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert curves == {"full", "setfit", "zero_shot"}
+    table = result["table"]
+    assert set(table["method"]) == {"full", "setfit", "zero_shot"} and len(table) == 7

@@ -91,6 +91,33 @@ def test_max_train_examples_and_few_shot(tmp_path):
     assert sorted(dm.datasets["train"].labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
+def test_max_eval_examples_cuts_validation_and_test_stratified_and_seeded(tmp_path):
+    path = write(tiny_reviews(100), tmp_path / "r.csv")  # 200 rows: 20 validation, 20 test held out
+    full = files_module(path, tmp_path, seed=1, examples_per_class=5)
+    cut, again = (
+        files_module(path, tmp_path, seed=1, examples_per_class=5, max_eval_examples=8) for _ in "ab"
+    )
+    for dm in (full, cut, again):
+        dm.setup()
+    for split in ("validation", "test"):
+        labels = cut.datasets[split].labels
+        assert len(labels) == 8 and (labels == 0).sum() == 4  # stratified
+        texts = cut.raw_inputs(split)[0]
+        assert set(texts) < set(full.raw_inputs(split)[0])  # a subset of the whole split
+        assert texts == again.raw_inputs(split)[0]  # seeded
+    assert cut.raw_inputs("train") == full.raw_inputs("train")  # training data untouched
+    # a source's own validation/test files are cut the same way; a shorter split stays whole
+    frame = tiny_reviews(30)
+    paths = [write(f, tmp_path / n) for f, n in ((frame.iloc[:40], "t.csv"), (frame.iloc[40:], "v.csv"))]
+    given = files_module(paths[0], tmp_path, validation_file=str(paths[1]), max_eval_examples=6)
+    given.setup()
+    assert len(given.datasets["validation"]) == 6 and len(given.datasets["test"]) == 4
+    with pytest.raises(ConfigError, match="data.max_eval_examples=0 must be positive"):
+        files_module(path, tmp_path, max_eval_examples=0)
+    with pytest.raises(ConfigError, match="data.max_eval_examples=8 cannot be used with data.folds=5"):
+        files_module(path, tmp_path, max_eval_examples=8, folds=5)
+
+
 def test_sentence_pairs_get_token_type_ids(tmp_path):
     frame = tiny_reviews(10).assign(other="and a second sentence")
     dm = files_module(write(frame, tmp_path / "p.csv"), tmp_path, text_pair_column="other", max_length=32)

@@ -7,9 +7,10 @@ ignored keys (default ``seed`` and ``data.fold``: a k-fold sweep's folds, or its
 the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``) removed. Per group: mean, sample
 standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable parameters and the mean wall time.
 Writes ``results.md``, ``results.csv``, ``results.tex`` and ``plot_<key>.png`` (test/<monitored name> and
-best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; ``plot_settings.png``, one
-bar per row, when no swept key is numeric) into the first sweep folder (or ``--out``) and prints the Markdown
-table. Failed and unfinished jobs, and the trials an Optuna search pruned, are listed under the table, never
+best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; rows without that key, e.g.
+zero-shot runs beside a curve over examples per class, as dashed horizontal lines with a ±std band;
+``plot_settings.png``, one bar per row, when no swept key is numeric) into the first sweep folder (or ``--out``)
+and prints the Markdown table. Failed and unfinished jobs, and the trials an Optuna search pruned, are listed under the table, never
 averaged.
 
 A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
@@ -247,12 +248,16 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
     names = [k.split(":", 1)[1] for k in keys]
     written = []
     for key in names:
-        if not all(isinstance(_value(v), float) for v in table[key]) or table[key].nunique() < 2:
+        # rows that never set the key (e.g. zero-shot runs beside a curve over data.examples_per_class) are
+        # drawn as horizontal lines: their value holds at every x
+        curve, flat = table[table[key] != ""], table[table[key] == ""]
+        if not all(isinstance(_value(v), float) for v in curve[key]) or curve[key].nunique() < 2:
             continue
         others = [n for n in names if n != key]
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
         for ax, m in zip(axes[0], metrics, strict=True):
-            for label, part in table.groupby(others, sort=False) if others else [("", table)]:
+            groups = list(curve.groupby(others, sort=False)) if others else [("", curve)]
+            for label, part in groups:
                 part = part.assign(_x=part[key].map(_value)).sort_values("_x")
                 ax.errorbar(
                     part["_x"],
@@ -262,12 +267,18 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
                     capsize=3,
                     label=", ".join(map(str, label if isinstance(label, tuple) else (label,))) or None,
                 )
-            xs = table[key].map(_value)
+            for i, (_, row) in enumerate(flat.iterrows(), start=len(groups)):
+                color, mean, std = f"C{i % 10}", row[f"{m} mean"], row[f"{m} std"]
+                label = ", ".join(str(row[n]) for n in others if row[n] != "") or f"no {key}"
+                ax.axhline(mean, color=color, linestyle="--", label=label)
+                if pd.notna(std):
+                    ax.axhspan(mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
+            xs = curve[key].map(_value)
             if xs.min() > 0 and xs.max() / xs.min() >= 10:  # learning rates, weight decays: log scale
                 ax.set_xscale("log")
             ax.set(xlabel=key, ylabel=m)
-            if others:
-                ax.legend(fontsize="small", title=", ".join(others))
+            if others or not flat.empty:
+                ax.legend(fontsize="small", title=", ".join(others) or None)
         fig.tight_layout()
         path = out / f"plot_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
         save_figure(fig, path, dpi=120)

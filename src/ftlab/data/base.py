@@ -74,8 +74,13 @@ class ClassificationDataModule(TensorDictDataModule):
         test_fraction: float,
         max_train_examples: int | None,
         examples_per_class: int | None,
+        max_eval_examples: int | None = None,
     ) -> None:
         """Check and keep how held-out splits are cut from a source's training split (see ``_split_indices``)."""
+        if max_eval_examples is not None and max_eval_examples <= 0:
+            raise ConfigError(
+                f"data.max_eval_examples={max_eval_examples} must be positive (or null for all)."
+            )
         for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ConfigError(f"data.{key}={value} must be between 0 and 1 (exclusive).")
@@ -85,10 +90,25 @@ class ClassificationDataModule(TensorDictDataModule):
             )
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
+        self.max_eval_examples = max_eval_examples
 
     def _set_folds(self, folds: int | None, fold: int, group_column: str | None) -> None:
         folds_module.check_folds(folds, fold, group_column)
+        if folds is not None and self.max_eval_examples is not None:  # after _set_split
+            raise ConfigError(
+                f"data.max_eval_examples={self.max_eval_examples} cannot be used with data.folds={folds}: the "
+                "out-of-fold predictions must cover every example. Set data.max_eval_examples=null, or drop "
+                "data.folds and use data.val_fraction."
+            )
         self.folds, self.fold, self.group_column = folds, fold, group_column
+
+    def _eval_subset(self, split: str, labels: Any) -> Any:
+        """Indices of a stratified, seeded subset of a validation or test split longer than
+        ``data.max_eval_examples`` (cut or the source's own), or None to keep it whole (and for ``train``)."""
+        limit = self.max_eval_examples
+        if limit is None or split not in ("validation", "test") or len(labels) <= limit:
+            return None
+        return sampling.subsample(np.asarray(labels), limit, self.seed, "data.max_eval_examples")
 
     def _split_indices(self, labels: Any, missing: set[str], groups: Any = None) -> dict[str, Any]:
         """``sampling.split_train`` with this module's fractions, subset sizes and seed; with ``folds``, the

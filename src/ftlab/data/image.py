@@ -158,6 +158,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         classes: keep only these classes, re-indexed in this order (e.g. digits 5-9 become ids 0-4).
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
+        max_eval_examples: a stratified, seeded subset of the validation and test splits (faster evaluation).
         augment: train-time augmentation: ``none``, ``auto`` / ``light`` (a mild random crop, 85-100% of the
             image, no flip: safe for digits and text), ``basic`` (random resized crop 60-100% + horizontal flip),
             ``randaugment`` or ``trivialaugment`` (basic plus that policy).
@@ -191,6 +192,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         test_fraction: float = 0.1,
         max_train_examples: int | None = None,
         examples_per_class: int | None = None,
+        max_eval_examples: int | None = None,
         augment: str = "none",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -257,7 +259,9 @@ class ImageClassificationDataModule(ClassificationDataModule):
             root=root, val_root=val_root, test_root=test_root, name=name, download=download, options=options
         )
         self.keep_classes = [str(c) for c in classes] if classes is not None else None
-        self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
+        self._set_split(
+            val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples
+        )
         self._set_folds(folds, fold, None)
         self.augment = augment
         if not (
@@ -320,7 +324,13 @@ class ImageClassificationDataModule(ClassificationDataModule):
         missing = {s for s in ("validation", "test") if s not in splits}
         # label sets are not stratified (a seeded random split)
         indices = self._split_indices(labels if self.task != "multilabel" else np.zeros(len(labels)), missing)
-        return {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
+        splits = {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
+        for split, (split_images, split_labels) in list(splits.items()):  # data.max_eval_examples
+            stratify_on = split_labels if self.task != "multilabel" else np.zeros(len(split_labels))
+            keep = self._eval_subset(split, stratify_on)
+            if keep is not None:
+                splits[split] = (split_images[keep], split_labels[keep])
+        return splits
 
     def _choose_input_size(self, train_images: Any) -> None:
         """Apply ``data.input_size`` (a rebuilt run's preprocessing already holds the size it trained with)."""

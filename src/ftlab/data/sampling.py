@@ -40,13 +40,15 @@ def split_off(labels: np.ndarray, fraction: float, seed: int, key: str) -> tuple
     return np.sort(rest), np.sort(held)
 
 
-def subsample(labels: np.ndarray, max_examples: int, seed: int) -> np.ndarray:
+def subsample(
+    labels: np.ndarray, max_examples: int, seed: int, key: str = "data.max_train_examples"
+) -> np.ndarray:
     """At most ``max_examples`` indices, stratified; all of them if there are fewer."""
     if max_examples <= 0:
-        raise ConfigError(f"data.max_train_examples={max_examples} must be positive (or null for all).")
+        raise ConfigError(f"{key}={max_examples} must be positive (or null for all).")
     if max_examples >= len(labels):
         return np.arange(len(labels))
-    _, keep = split_off(labels, max_examples / len(labels), seed, "data.max_train_examples")
+    _, keep = split_off(labels, max_examples / len(labels), seed, key)
     return keep
 
 

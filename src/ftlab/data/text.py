@@ -204,6 +204,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         task: ``classification``, ``regression`` or ``multilabel`` (:mod:`ftlab.data.multilabel`).
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
+        max_eval_examples: a stratified, seeded subset of the validation and test splits (faster evaluation).
         folds, fold, group_column: k-fold cross-validation (:mod:`ftlab.data.folds`): fold ``fold`` of ``folds``
             validates; rows sharing a ``group_column`` value stay in one fold; the test split is the same for all.
         max_length: truncation length in tokens (at most the backbone's limit).
@@ -254,6 +255,7 @@ class TextClassificationDataModule(ClassificationDataModule):
         test_fraction: float = 0.1,
         max_train_examples: int | None = None,
         examples_per_class: int | None = None,
+        max_eval_examples: int | None = None,
         folds: int | None = None,
         fold: int = 0,
         group_column: str | None = None,
@@ -293,7 +295,9 @@ class TextClassificationDataModule(ClassificationDataModule):
             raise ConfigError(
                 f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
             )
-        self._set_split(val_fraction, test_fraction, max_train_examples, examples_per_class)
+        self._set_split(
+            val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples
+        )
         self._set_folds(folds, fold, group_column)
         self.preprocessing = preprocessing
         self.source_args: dict[str, Any] = dict(
@@ -370,18 +374,26 @@ class TextClassificationDataModule(ClassificationDataModule):
         if self.class_fraction:
             kept = cut_classes(train[self.columns["label_column"]].to_numpy(), self.class_fraction, self.seed)
             train = train.iloc[kept].reset_index(drop=True)
-        if self.task == "multilabel":  # label sets are not stratified: a seeded random split
-            stratify_on = np.zeros(len(train))
-        else:
-            label = train[self.columns["label_column"]]
-            stratify_on = label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
         missing = {s for s in ("validation", "test") if s not in tables}
         groups = group_values(train, self.group_column) if self.group_column else None
-        indices = self._split_indices(stratify_on, missing, groups)
-        return {
+        indices = self._split_indices(self._stratify_on(train), missing, groups)
+        tables = {
             **tables,
             **{split: train.iloc[index].reset_index(drop=True) for split, index in indices.items()},
         }
+        for split, frame in list(tables.items()):  # data.max_eval_examples
+            keep = self._eval_subset(split, self._stratify_on(frame))
+            if keep is not None:
+                tables[split] = frame.iloc[keep].reset_index(drop=True)
+        return tables
+
+    def _stratify_on(self, frame: pd.DataFrame) -> np.ndarray:
+        """What splits and subsets of ``frame`` are stratified by: the class (regression targets fall back to a
+        random split in ``sampling``); label sets are not stratified (a seeded random split)."""
+        if self.task == "multilabel":
+            return np.zeros(len(frame))
+        label = frame[self.columns["label_column"]]
+        return label.astype(str).to_numpy() if self.task == "classification" else label.to_numpy()
 
     def _clean(self, frame: pd.DataFrame, split: str) -> pd.DataFrame:
         text, pair, label = (self.columns[k] for k in ("text_column", "text_pair_column", "label_column"))
