@@ -153,7 +153,8 @@ def test_train_yaml_names_the_path_in_data_flow_order():
             "hydra",
         ]
     )
-    assert names[15:] == ["experiment", "hparams_search", "debug", "optional local"]
+    # few_shot_method: a bundle of the choices above (model, finetune, zero_shot, prompt); experiments set budgets
+    assert names[15:] == ["few_shot_method", "experiment", "hparams_search", "debug", "optional local"]
 
 
 def test_monitor_is_named_once_and_interpolated():

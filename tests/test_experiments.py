@@ -66,6 +66,48 @@ def test_probe_vs_finetune_image_half_switches_model_and_data():
     assert set(cfg.hydra.sweeper.params) == {"finetune", "model.backbone.pretrained", "seed"}
 
 
+def test_few_shot_curve_methods_sizes_and_zero_shot_baselines():
+    """Issue #16's learning curve: 5 trained methods x 5 sizes x 5 seeds on one budget; each method is one choice of
+    few_shot_method that sets the groups it needs; the zero-shot sweep drops examples_per_class (flat lines)."""
+    cfg = _compose("experiment=few_shot_curve")
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {
+        "few_shot_method": ["head_only", "full", "lora", "setfit", "prompt"],
+        "data.examples_per_class": ["8", "16", "32", "64", "256"],
+        "seed": ["1", "2", "3", "4", "5"],
+    }
+    assert cfg.trainer.max_steps == 32 and cfg.callbacks.early_stopping is None and not cfg.keep_checkpoints
+    assert cfg.data.max_eval_examples == 256 and cfg.data.max_train_examples is None
+    expected = {  # method -> (backbone, finetune target's peft method or freeze, zero_shot, prompt)
+        "zero_shot_embedding": ("all-MiniLM", "ftlab.zero_shot.EmbeddingZeroShot", None),
+        "zero_shot_llm": ("smollm2", "ftlab.zero_shot_llm.LLMZeroShot", None),
+        "head_only": ("all-MiniLM", None, None),
+        "full": ("all-MiniLM", None, None),
+        "lora": ("all-MiniLM", None, None),
+        "setfit": ("all-MiniLM", None, None),
+        "prompt": ("smollm2", None, "ftlab.verbalizer.Verbalizer"),
+    }
+    for method, (backbone, zero_shot, prompt) in expected.items():
+        cfg = _compose("experiment=few_shot_curve", f"few_shot_method={method}")
+        assert backbone in cfg.model.backbone.name_or_path, method
+        assert (cfg.get("zero_shot") or {}).get("_target_") == zero_shot, method
+        assert (cfg.get("prompt") or {}).get("_target_") == prompt, method
+        words = (cfg.get("zero_shot") or cfg.get("prompt") or {}).get("label_words")
+        assert words is None or dict(words) == {"fresh": "positive", "rotten": "negative"}, method
+        assert cfg.trainer.max_steps == 32, method  # the experiment's budget survives the method's choices
+    assert _compose("experiment=few_shot_curve", "few_shot_method=head_only").finetune.freeze_backbone
+    assert _compose("experiment=few_shot_curve", "few_shot_method=lora").finetune.peft.method == "lora"
+    assert _compose("experiment=few_shot_curve", "few_shot_method=setfit").finetune.contrastive.pairs == 512
+    full = _compose("experiment=few_shot_curve_full")
+    assert (
+        full.trainer.accelerator == "gpu"
+        and full.data.max_eval_examples is None
+        and full.trainer.max_steps > 32
+    )
+    script = (ROOT / "scripts" / "reproduce_few_shot_curve.sh").read_text()
+    assert "few_shot_method=zero_shot_embedding,zero_shot_llm data.examples_per_class=null" in script
+
+
 def test_freeze_transferred_freezes_exactly_the_copied_groups():
     cfg = _compose("experiment=transfer_yosinski", *REQUIRED, "model.backbone.checkpoint_groups=3",
                    "finetune=freeze_transferred")  # fmt: skip

@@ -140,6 +140,8 @@ def test_rows_without_the_x_key_are_horizontal_lines_on_its_plot(tmp_path: Path,
                 num += 1
     for seed, acc in ((1, 0.55), (2, 0.57)):
         _job(flat, seed, ["+method=zero_shot", f"seed={seed}"], {"test/acc": acc}, {"status": "completed"})
+        over = ["+method=zero_shot_llm", "data.examples_per_class=null", f"seed={seed}"]
+        _job(flat, seed + 2, over, {"test/acc": acc + 0.2}, {"status": "completed"})
     figures = []
     monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append((fig, path)))
     result = report.report([curve, flat], metrics=["test/acc"])
@@ -148,7 +150,9 @@ def test_rows_without_the_x_key_are_horizontal_lines_on_its_plot(tmp_path: Path,
     ax = fig.axes[0]
     flat_lines = [line for line in ax.get_lines() if line.get_label() == "zero_shot"]
     assert len(flat_lines) == 1 and list(flat_lines[0].get_ydata()) == pytest.approx([0.56, 0.56])
+    llm = [line for line in ax.get_lines() if line.get_label().startswith("zero_shot_llm")]
+    assert len(llm) == 1 and list(llm[0].get_ydata()) == pytest.approx([0.76, 0.76])
     curves = {t.get_text() for t in ax.get_legend().get_texts()}
-    assert curves == {"full", "setfit", "zero_shot"}
+    assert curves == {"full", "setfit", "zero_shot", "zero_shot_llm (data.examples_per_class=null)"}
     table = result["table"]
-    assert set(table["method"]) == {"full", "setfit", "zero_shot"} and len(table) == 7
+    assert set(table["method"]) == {"full", "setfit", "zero_shot", "zero_shot_llm"} and len(table) == 8

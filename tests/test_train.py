@@ -172,6 +172,18 @@ def test_a_new_run_never_overwrites_an_existing_run_folder(reviews_csv, tmp_path
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_keep_checkpoints_false_leaves_the_metrics_and_drops_the_weights(reviews_csv, tmp_path):
+    overrides = tiny_text_overrides(reviews_csv, tmp_path) + ["debug=limit", "keep_checkpoints=false"]
+    metrics = train(compose_cfg(overrides, tmp_path / "run"))
+    assert (
+        "test/acc" in metrics
+        and read_json(tmp_path / "run" / "metrics.json")["test/acc"] == metrics["test/acc"]
+    )
+    assert (tmp_path / "run" / "labels.json").is_file() and not (tmp_path / "run" / "checkpoints").exists()
+    kept = train(compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + ["debug=limit"], tmp_path / "kept"))
+    assert (tmp_path / "kept" / "checkpoints" / "best.ckpt").is_file() and "test/acc" in kept
+
+
 def test_regression_task_learns_with_mse(tmp_path):
     """A score of -1 (negative review) or +1 (positive): the model must beat predicting the mean by far. (Centred
     scores: with 1 and 5 the head's bias alone would need ~1,000 Adam steps of lr 3e-3 to reach their mean.)"""

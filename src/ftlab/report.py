@@ -7,8 +7,9 @@ ignored keys (default ``seed`` and ``data.fold``: a k-fold sweep's folds, or its
 the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``) removed. Per group: mean, sample
 standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable parameters and the mean wall time.
 Writes ``results.md``, ``results.csv``, ``results.tex`` and ``plot_<key>.png`` (test/<monitored name> and
-best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; rows without that key, e.g.
-zero-shot runs beside a curve over examples per class, as dashed horizontal lines with a ±std band;
+best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; rows where that key is unset
+or not a number, e.g. zero-shot runs beside a curve over examples per class, as dashed horizontal lines with a ±std
+band;
 ``plot_settings.png``, one bar per row, when no swept key is numeric) into the first sweep folder (or ``--out``)
 and prints the Markdown table. Failed and unfinished jobs, and the trials an Optuna search pruned, are listed under the table, never
 averaged.
@@ -248,10 +249,11 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
     names = [k.split(":", 1)[1] for k in keys]
     written = []
     for key in names:
-        # rows that never set the key (e.g. zero-shot runs beside a curve over data.examples_per_class) are
-        # drawn as horizontal lines: their value holds at every x
-        curve, flat = table[table[key] != ""], table[table[key] == ""]
-        if not all(isinstance(_value(v), float) for v in curve[key]) or curve[key].nunique() < 2:
+        # rows whose value is not a number (unset, null, auto: e.g. zero-shot runs beside a curve over
+        # data.examples_per_class) are drawn as horizontal lines: their value holds at every x
+        numeric = table[key].map(lambda v: isinstance(_value(v), float))
+        curve, flat = table[numeric], table[~numeric]
+        if curve[key].nunique() < 2:
             continue
         others = [n for n in names if n != key]
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
@@ -269,7 +271,8 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
                 )
             for i, (_, row) in enumerate(flat.iterrows(), start=len(groups)):
                 color, mean, std = f"C{i % 10}", row[f"{m} mean"], row[f"{m} std"]
-                label = ", ".join(str(row[n]) for n in others if row[n] != "") or f"no {key}"
+                label = ", ".join(str(row[n]) for n in others if row[n] != "")
+                label += f" ({key}={row[key]})" if row[key] != "" else ""
                 ax.axhline(mean, color=color, linestyle="--", label=label)
                 if pd.notna(std):
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12, linewidth=0)

@@ -6,6 +6,7 @@ Read top to bottom: seed, backbone, data, head, policy, module, trainer, fit, te
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -66,7 +67,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("prompt"):
             raise ConfigError("zero_shot and prompt=verbalizer exclude each other: set one of them to null.")
 
-        return run(cfg)
+        zero_shot_metrics: dict[str, Any] = run(cfg)
+        _drop_checkpoints(cfg, Path(cfg.paths.output_dir))
+        return zero_shot_metrics
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = folder.resume_checkpoint(output_dir) if cfg.get("resume") else None
@@ -186,7 +189,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     folder.write_metrics(output_dir / folder.METRICS_FILE, metrics)
     _summary(metrics, output_dir)
+    if trainer.is_global_zero:
+        _drop_checkpoints(cfg, output_dir)
     return metrics
+
+
+def _drop_checkpoints(cfg: DictConfig, output_dir: Path) -> None:
+    """``keep_checkpoints=false``: once ``metrics.json`` is written, delete ``checkpoints/`` and the SetFit body
+    (large grids that need only the metrics: 25 SmolLM2 runs keep ~1 GB each otherwise)."""
+    if cfg.get("keep_checkpoints", True):
+        return
+    shutil.rmtree(output_dir / folder.CHECKPOINT_DIR, ignore_errors=True)
+    (output_dir / folder.SETFIT_BODY_FILE).unlink(missing_ok=True)
+    log.info("keep_checkpoints=false: deleted %s/ (metrics.json is the run's record)", folder.CHECKPOINT_DIR)
 
 
 def _optimizer_settings(module: Any) -> dict[str, Any]:
