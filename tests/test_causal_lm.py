@@ -278,6 +278,31 @@ def test_messages_jsonl_and_bad_rows(tiny_llama, tmp_path):
         InstructDataModule(TextPreprocessing(str(tiny_llama), 256), train_file=str(table)).setup("fit")
 
 
+def test_max_eval_examples_is_a_stratified_subset_of_the_held_out_demonstrations(tiny_llama):
+    """The embedded sentiment demonstrations: validation and test cut to 40 with the whole split's share of fresh."""
+    whole, cut = (
+        InstructDataModule(
+            TextPreprocessing(str(tiny_llama), 256), source="rotten_tomatoes", max_eval_examples=n, seed=3
+        )
+        for n in (None, 40)
+    )
+    for dm in (whole, cut):
+        dm.setup("fit")
+    fresh = ids_of(cut.tokenizer, "fresh")
+
+    def share_fresh(dataset) -> float:
+        answers = [dataset[i]["labels"] for i in range(len(dataset))]
+        return sum(a[a != IGNORE_INDEX].tolist()[: len(fresh)] == fresh for a in answers) / len(dataset)
+
+    for split in ("validation", "test"):
+        assert len(whole.datasets[split]) > 1000 and len(cut.datasets[split]) == 40
+        # stratified by the answer: the whole split's share (58% fresh), to one review
+        assert abs(share_fresh(cut.datasets[split]) - share_fresh(whole.datasets[split])) <= 1 / 40
+    assert len(cut.datasets["train"]) == len(whole.datasets["train"])
+    with pytest.raises(ConfigError, match="data.max_eval_examples=0 must be positive"):
+        InstructDataModule(TextPreprocessing(str(tiny_llama), 256), max_eval_examples=0)
+
+
 # --- whole runs -----------------------------------------------------------------------------------------------
 def run_overrides(model: Path, table: Path, tmp_path: Path) -> list[str]:
     return [

@@ -28,9 +28,9 @@ from ftlab.data.instruct_format import ConversationFormat, cut_middle, encode_co
 from ftlab.data.instruct_sources import Conversation, load_conversations
 from ftlab.data.labels import LabelMap
 from ftlab.data.samplers import LengthBucketSampler
-from ftlab.data.text import TextPreprocessing, load_tokenizer
+from ftlab.data.text import TextPreprocessing, TokenizerOwner, check_text_settings
 from ftlab.tasks.base import IGNORE_INDEX
-from ftlab.utils.devices import check_auto_or_count, on_cuda, pad_multiple, padded_width
+from ftlab.utils.devices import on_cuda, pad_multiple, padded_width
 from ftlab.utils.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class CausalLMCollator:
         return batch
 
 
-class InstructDataModule(ClassificationDataModule):
+class InstructDataModule(TokenizerOwner, ClassificationDataModule):
     """Prompt/response pairs or chat conversations for instruction tuning (``data.task=causal_lm``).
 
     Args:
@@ -117,7 +117,8 @@ class InstructDataModule(ClassificationDataModule):
         system_prompt: a system message put first when a conversation has none.
         packing: several training examples per row (see the module docstring); validation/test are never packed.
         val_fraction, test_fraction: held out from train (seeded; stratified for the embedded sets).
-        max_train_examples: a seeded subset of the training split. max_eval_examples: of validation and test.
+        max_train_examples: a seeded subset of the training split. max_eval_examples: a seeded subset of
+            validation and test (stratified by answer where the split was cut from an embedded set).
         max_length: tokens per example (or packed row), at most the backbone's limit.
         batch_size, eval_batch_size, num_workers, seed, pin_memory, pad_to_multiple_of, bucketing: as in
             :class:`~ftlab.data.text.TextClassificationDataModule`.
@@ -153,16 +154,8 @@ class InstructDataModule(ClassificationDataModule):
         pad_to_multiple_of: int | str = "auto",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
-        if task != TASK:
-            raise ConfigError(f"data.task={task!r}: this data module serves task={TASK} only.")
-        if max_length > preprocessing.max_length:
-            raise ConfigError(
-                f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
-            )
-        if max_eval_examples is not None and max_eval_examples < 1:
-            raise ConfigError(f"data.max_eval_examples={max_eval_examples} must be >= 1 (or null: all).")
-        check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
-        self._set_split(val_fraction, test_fraction, max_train_examples, None)
+        check_text_settings(preprocessing, max_length, pad_to_multiple_of, task, (TASK,))
+        self._set_split(val_fraction, test_fraction, max_train_examples, None, max_eval_examples)
         self.preprocessing, self.max_length, self.packing = preprocessing, max_length, packing
         self.source = source
         self.files = {"train_file": train_file, "validation_file": validation_file, "test_file": test_file}
@@ -172,19 +165,8 @@ class InstructDataModule(ClassificationDataModule):
             "messages_column": messages_column,
         }
         self.chat_template, self.system_prompt = chat_template, system_prompt
-        self.max_eval_examples, self.bucketing, self.pad_to_multiple_of = (
-            max_eval_examples,
-            bucketing,
-            pad_to_multiple_of,
-        )
-        self._tokenizer: Any = None
+        self.bucketing, self.pad_to_multiple_of = bucketing, pad_to_multiple_of
         self._format: ConversationFormat | None = None
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.preprocessing.tokenizer)
-        return self._tokenizer
 
     @property
     def format(self) -> ConversationFormat:
@@ -202,10 +184,10 @@ class InstructDataModule(ClassificationDataModule):
         labels = strata if strata is not None else np.zeros(len(train), dtype=np.int64)
         indices = self._split_indices(labels, missing)
         splits = {**tables, **{split: [train[i] for i in index] for split, index in indices.items()}}
-        rng = np.random.default_rng(self.seed)
-        for split in ("validation", "test"):
-            if self.max_eval_examples is not None and len(splits[split]) > self.max_eval_examples:
-                keep = np.sort(rng.choice(len(splits[split]), self.max_eval_examples, replace=False))
+        for split in ("validation", "test"):  # data.max_eval_examples: stratified where the split was cut
+            cut = strata is not None and split in indices
+            keep = self._eval_subset(split, labels[indices[split]] if cut else np.zeros(len(splits[split])))
+            if keep is not None:
                 splits[split] = [splits[split][i] for i in keep]
         return splits
 

@@ -51,6 +51,37 @@ def load_tokenizer(name_or_path: str) -> Any:
         ) from err
 
 
+def check_text_settings(
+    preprocessing: TextPreprocessing,
+    max_length: int,
+    pad_to_multiple_of: int | str,
+    task: str,
+    tasks: tuple[str, ...],
+) -> None:
+    """The settings every text data module checks alike (text, token tags, instructions)."""
+    if task not in tasks:
+        serves = f"serves task={tasks[0]} only" if len(tasks) == 1 else f"supports {', '.join(tasks)}"
+        raise ConfigError(f"data.task={task!r} is not supported: this data module {serves}.")
+    if max_length > preprocessing.max_length:
+        raise ConfigError(
+            f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
+        )
+    check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
+
+
+class TokenizerOwner:
+    """The backbone's tokenizer, loaded once on first use (text data modules mix this in)."""
+
+    preprocessing: TextPreprocessing
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.preprocessing.tokenizer)
+        return self._tokenizer
+
+
 class TokenizedText(Dataset):
     """Variable-length token ids stored flat (``ids[offsets[i]:offsets[i+1]]``) with their labels."""
 
@@ -188,7 +219,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
         np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
-class TextClassificationDataModule(ClassificationDataModule):
+class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
     """Single texts or text pairs with a class (or a number, ``task=regression``) each.
 
     Args:
@@ -282,19 +313,13 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.text_augment = TextAugment.from_config(text_augment)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
-        check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
-        if task not in TASKS:
-            raise ConfigError(f"data.task={task!r} is not supported; use one of {', '.join(TASKS)}.")
+        check_text_settings(preprocessing, max_length, pad_to_multiple_of, task, TASKS)
         check_sampler(sampler, task)
         check_class_fraction(class_fraction, task)
         check_multilabel_options(task, label_columns, label_separator, examples_per_class)
         self.label_columns = [str(c) for c in label_columns] if label_columns else None
         self.label_separator = label_separator
         self.sampler, self.class_fraction = sampler, dict(class_fraction) if class_fraction else None
-        if max_length > preprocessing.max_length:
-            raise ConfigError(
-                f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
-            )
         self._set_split(
             val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples
         )
@@ -320,16 +345,8 @@ class TextClassificationDataModule(ClassificationDataModule):
         self.bucketing, self.padding = bucketing, padding
         self.pad_to_multiple_of = pad_to_multiple_of
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self._tokenizer: Any = None
         # split -> (texts, pairs) in dataset order: raw_inputs()
         self._raw: dict[str, tuple[list[str], list[str] | None]] = {}
-
-    @property
-    def tokenizer(self) -> Any:
-        """The backbone's tokenizer, loaded once."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.preprocessing.tokenizer)
-        return self._tokenizer
 
     def _base_collate(self) -> PadCollator:
         if self.collate is None:

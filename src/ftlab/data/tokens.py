@@ -21,10 +21,17 @@ from torch.utils.data import Dataset, Sampler
 from ftlab.data.base import ClassificationDataModule
 from ftlab.data.labels import LabelMap
 from ftlab.data.samplers import LengthBucketSampler
-from ftlab.data.text import PadCollator, TextPreprocessing, _fingerprint, _tokenizer_id, load_tokenizer
+from ftlab.data.text import (
+    PadCollator,
+    TextPreprocessing,
+    TokenizerOwner,
+    _fingerprint,
+    _tokenizer_id,
+    check_text_settings,
+)
 from ftlab.data.token_sources import Sentence, load_token_source
 from ftlab.tasks.base import IGNORE_INDEX
-from ftlab.utils.devices import check_auto_or_count, on_cuda, pad_multiple
+from ftlab.utils.devices import on_cuda, pad_multiple
 from ftlab.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -118,7 +125,7 @@ class TokenPadCollator(PadCollator):
         return batch
 
 
-class TokenClassificationDataModule(ClassificationDataModule):
+class TokenClassificationDataModule(TokenizerOwner, ClassificationDataModule):
     """Sentences of words with a tag each (``data.task=token_classification``).
 
     Args:
@@ -167,13 +174,7 @@ class TokenClassificationDataModule(ClassificationDataModule):
         pad_to_multiple_of: int | str = "auto",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
-        if task != TASK:
-            raise ConfigError(f"data.task={task!r}: this data module serves task={TASK} only.")
-        if max_length > preprocessing.max_length:
-            raise ConfigError(
-                f"data.max_length={max_length} is longer than the backbone accepts ({preprocessing.max_length})."
-            )
-        check_auto_or_count("data.pad_to_multiple_of", pad_to_multiple_of, 1, " (1: no rounding)")
+        check_text_settings(preprocessing, max_length, pad_to_multiple_of, task, (TASK,))
         self._set_split(val_fraction, test_fraction, max_train_examples, None)
         self.preprocessing, self.max_length = preprocessing, max_length
         self.source_args: dict[str, Any] = dict(
@@ -188,13 +189,6 @@ class TokenClassificationDataModule(ClassificationDataModule):
         self.keep_labels, self.label_all_subtokens = labels, label_all_subtokens
         self.bucketing, self.pad_to_multiple_of = bucketing, pad_to_multiple_of
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self._tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.preprocessing.tokenizer)
-        return self._tokenizer
 
     # --- reading -------------------------------------------------------------------------------------------
     def _split(self, tables: dict[str, list[Sentence]]) -> dict[str, list[Sentence]]:
