@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
+from ftlab.runs.rebuild import find_checkpoint
 from ftlab.train import train
+from ftlab.utils.errors import DataFileError
 
 from conftest import ROOT, compose_cfg, only_run_dir, read_json, run_cli, tiny_reviews, tiny_text_overrides
 
@@ -180,6 +182,8 @@ def test_keep_checkpoints_false_leaves_the_metrics_and_drops_the_weights(reviews
         and read_json(tmp_path / "run" / "metrics.json")["test/acc"] == metrics["test/acc"]
     )
     assert (tmp_path / "run" / "labels.json").is_file() and not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(DataFileError, match="the run finished: keep_checkpoints=false deletes them"):
+        find_checkpoint(tmp_path / "run")
     kept = train(compose_cfg(tiny_text_overrides(reviews_csv, tmp_path) + ["debug=limit"], tmp_path / "kept"))
     assert (tmp_path / "kept" / "checkpoints" / "best.ckpt").is_file() and "test/acc" in kept
 

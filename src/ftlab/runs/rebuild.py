@@ -68,8 +68,16 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = None) -> Path:
     for name in (folder.BEST_CKPT, folder.LAST_CKPT):
         if (run_dir / name).exists():
             return run_dir / name
+    dropped = ""
+    if (
+        run_dir / folder.METRICS_FILE
+    ).is_file():  # finished, so the checkpoints were written and then removed
+        dropped = (
+            " (the run finished: keep_checkpoints=false deletes them after the test; retrain to get them)"
+        )
     raise DataFileError(
-        f"{run_dir} has neither {folder.BEST_CKPT} nor {folder.LAST_CKPT}; give a checkpoint with ckpt=<file>."
+        f"{run_dir} has neither {folder.BEST_CKPT} nor {folder.LAST_CKPT}{dropped}; give a checkpoint with "
+        "ckpt=<file>."
     )
 
 
