@@ -259,20 +259,24 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.5), squeeze=False)
         for ax, m in zip(axes[0], metrics, strict=True):
             groups = list(curve.groupby(others, sort=False)) if others else [("", curve)]
+            colors: dict[str, str] = {}
             for label, part in groups:
                 part = part.assign(_x=part[key].map(_value)).sort_values("_x")
-                ax.errorbar(
+                name = ", ".join(map(str, label if isinstance(label, tuple) else (label,)))
+                drawn = ax.errorbar(
                     part["_x"],
                     part[f"{m} mean"],
                     yerr=part[f"{m} std"].fillna(0),
                     marker="o",
                     capsize=3,
-                    label=", ".join(map(str, label if isinstance(label, tuple) else (label,))) or None,
+                    label=name or None,
                 )
+                colors[name] = drawn[0].get_color()
             for i, (_, row) in enumerate(flat.iterrows(), start=len(groups)):
-                color, mean, std = f"C{i % 10}", row[f"{m} mean"], row[f"{m} std"]
-                label = ", ".join(str(row[n]) for n in others if row[n] != "")
-                label += f" ({key}={row[key]})" if row[key] != "" else ""
+                name = ", ".join(str(row[n]) for n in others if row[n] != "")
+                color = colors.get(name, f"C{i % 10}")  # the same setting's curve, if there is one
+                mean, std = row[f"{m} mean"], row[f"{m} std"]
+                label = name + (f" ({key}={row[key]})" if row[key] != "" else "")
                 ax.axhline(mean, color=color, linestyle="--", label=label)
                 if pd.notna(std):
                     ax.axhspan(mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
