@@ -9,10 +9,9 @@ standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable p
 Writes ``results.md``, ``results.csv``, ``results.tex`` and ``plot_<key>.png`` (test/<monitored name> and
 best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; rows where that key is unset
 or not a number, e.g. zero-shot runs beside a curve over examples per class, as dashed horizontal lines with a ±std
-band;
-``plot_settings.png``, one bar per row, when no swept key is numeric) into the first sweep folder (or ``--out``)
-and prints the Markdown table. Failed and unfinished jobs, and the trials an Optuna search pruned, are listed under the table, never
-averaged.
+band; ``plot_settings.png``, one bar per row, when no swept key is numeric) into the first sweep folder (or
+``--out``) and prints the Markdown table. Failed and unfinished jobs, and the trials an Optuna search pruned, are
+listed under the table, never averaged.
 
 A plain argparse CLI (not Hydra): its input is a folder, and it must not create an output folder of its own.
 """
