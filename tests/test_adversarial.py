@@ -243,10 +243,12 @@ def test_fgm_works_for_every_task(task):
 
 
 @pytest.mark.slow  # two processes: ~40 s alone, minutes on a loaded machine
-def test_freelb_and_ema_keep_ddp_ranks_identical(tmp_path):
+@pytest.mark.parametrize(("adversary", "averaging", "epochs"), [("freelb", "ema", 1), ("pgd", "swa", 2)])
+def test_adversaries_and_averaging_keep_ddp_ranks_identical(tmp_path, adversary, averaging, epochs):
     """Under 2-process CPU DDP (gloo) the adversary's inner passes add no gradient all-reduce of their own: the
-    ranks see different batches and still end with the same weights (and the same EMA average)."""
-    overrides = tiny_run_overrides_ddp(tmp_path)
+    ranks see different batches and still end with the same weights (and the same EMA / SWA average; SWA averages
+    from the second epoch)."""
+    overrides = tiny_run_overrides_ddp(tmp_path, adversary, averaging, epochs)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)])}
     done = subprocess.run(
         [sys.executable, "-m", "ftlab.train", *overrides],
@@ -259,19 +261,19 @@ def test_freelb_and_ema_keep_ddp_ranks_identical(tmp_path):
     ranks = [read_probe(tmp_path / "probe", rank) for rank in (0, 1)]
     assert ranks[0]["state"] == ranks[1]["state"]
     assert ranks[0]["start"]["layer.0"] != ranks[0]["end"]["layer.0"]  # it trained
-    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
-    assert int(best["averaging_state"]["n_averaged"]) > 0
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(last["averaging_state"]["n_averaged"]) > 0  # (best.ckpt may be SWA's epoch 0, before averaging)
 
 
-def tiny_run_overrides_ddp(tmp_path) -> list[str]:
+def tiny_run_overrides_ddp(tmp_path, adversary: str, averaging: str, epochs: int) -> list[str]:
     base = finetune_run_overrides(tmp_path, tmp_path / "run", tmp_path / "probe")
     base = [o for o in base if not o.startswith(("trainer.devices", "callbacks="))]
     return [
         *base,
         "trainer=ddp_cpu",
-        "trainer.max_epochs=1",
-        "callbacks=ema",
+        f"trainer.max_epochs={epochs}",
+        f"callbacks={averaging}",
         "callbacks.early_stopping=null",
-        "adversarial=freelb",
+        f"adversarial={adversary}",
         "feature_cache=false",
     ]
