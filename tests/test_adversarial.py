@@ -262,7 +262,9 @@ def test_adversaries_and_averaging_keep_ddp_ranks_identical(tmp_path, adversary,
     assert ranks[0]["state"] == ranks[1]["state"]
     assert ranks[0]["start"]["layer.0"] != ranks[0]["end"]["layer.0"]  # it trained
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert int(last["averaging_state"]["n_averaged"]) > 0  # (best.ckpt may be SWA's epoch 0, before averaging)
+    assert (
+        int(last["averaging_state"]["n_averaged"]) > 0
+    )  # (best.ckpt may be SWA's epoch 0, before averaging)
 
 
 def tiny_run_overrides_ddp(tmp_path, adversary: str, averaging: str, epochs: int) -> list[str]:
