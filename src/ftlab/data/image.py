@@ -325,7 +325,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         # label sets are not stratified (a seeded random split)
         indices = self._split_indices(labels if self.task != "multilabel" else np.zeros(len(labels)), missing)
         splits = {**splits, **{split: (images[index], labels[index]) for split, index in indices.items()}}
-        for split, (split_images, split_labels) in list(splits.items()):  # data.max_eval_examples
+        for split in ("validation", "test"):  # data.max_eval_examples
+            split_images, split_labels = splits[split]
             stratify_on = split_labels if self.task != "multilabel" else np.zeros(len(split_labels))
             keep = self._eval_subset(split, stratify_on)
             if keep is not None:

@@ -398,7 +398,8 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
             **tables,
             **{split: train.iloc[index].reset_index(drop=True) for split, index in indices.items()},
         }
-        for split, frame in list(tables.items()):  # data.max_eval_examples
+        for split in ("validation", "test"):  # data.max_eval_examples
+            frame = tables[split]
             keep = self._eval_subset(split, self._stratify_on(frame))
             if keep is not None:
                 tables[split] = frame.iloc[keep].reset_index(drop=True)

@@ -69,9 +69,8 @@ def find_checkpoint(run_dir: Path, ckpt: str | Path | None = None) -> Path:
         if (run_dir / name).exists():
             return run_dir / name
     dropped = ""
-    if (
-        run_dir / folder.METRICS_FILE
-    ).is_file():  # finished, so the checkpoints were written and then removed
+    # a finished run (metrics.json) wrote its checkpoints, so they were removed after the test
+    if (run_dir / folder.METRICS_FILE).is_file():
         dropped = (
             " (the run finished: keep_checkpoints=false deletes them after the test; retrain to get them)"
         )
