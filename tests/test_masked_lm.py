@@ -143,6 +143,43 @@ def test_masking_options_and_labelled_options_are_checked(tmp_path):
         plain.setup("fit")
 
 
+def test_exclude_eval_texts_leaves_out_what_the_labelled_runs_hold_out(tmp_path):
+    reviews = tiny_reviews(60).rename(columns={"review": "text", "stars": "label"})
+    plots = pd.DataFrame({"text": [f"an unlabelled plot summary #{i}" for i in range(30)], "label": None})
+    csv = tmp_path / "corpus.csv"
+    pd.concat([reviews, plots]).to_csv(csv, index=False)
+
+    def norm(text: str) -> str:  # as the uncased tokenizer decodes it
+        return text.lower().replace(" ", "")
+
+    def texts(datamodule, split: str) -> set[str]:
+        decode = datamodule.tokenizer.decode
+        dataset = datamodule.datasets[split]
+        return {norm(decode(dataset[i]["input_ids"], skip_special_tokens=True)) for i in range(len(dataset))}
+
+    mlm = masked_data(csv, split_seed=0, exclude_eval_texts=True)
+    seen = set().union(*(texts(mlm, s) for s in ("train", "validation", "test")))
+    for seed in (1, 2):  # every seed of the labelled runs tests on the reviews left out
+        labelled = TextClassificationDataModule(
+            TextPreprocessing(MINILM, 128), source="files", train_file=str(csv), seed=seed, split_seed=0
+        )
+        labelled.setup("fit")
+        held = {norm(t) for s in ("validation", "test") for t in labelled.raw_inputs(s)[0]}
+        assert len(held) == 24 and not held & seen
+        assert {norm(t) for t in labelled.raw_inputs("train")[0]} <= seen
+    assert len(seen) == 150 - 24 and {norm(t) for t in plots["text"]} <= seen  # plots stay
+    assert len(texts(masked_data(csv, split_seed=0), "train")) > len(
+        texts(mlm, "train")
+    )  # default: every text
+    (tmp_path / "plain.txt").write_text("a line of text\n" * 20)
+    with pytest.raises(ConfigError, match="data.exclude_eval_texts=true .* needs the source's labels"):
+        masked_data(tmp_path / "plain.txt", exclude_eval_texts=True)
+    with pytest.raises(ConfigError, match="data.exclude_eval_texts applies to data.task=masked_lm only"):
+        TextClassificationDataModule(
+            TextPreprocessing(MINILM, 128), source="files", train_file=str(csv), exclude_eval_texts=True
+        )
+
+
 def test_plain_text_files_one_text_per_line(tmp_path):
     import gzip
 
@@ -367,6 +404,8 @@ def test_tapt_experiments_compose_with_both_arms():
         params = {k: str(v).split(",") for k, v in grid.hydra.sweeper.params.items()}
         assert params["data.max_train_examples"][:2] == ["500", "4000"] and len(params["seed"]) >= 3
         assert grid.data.task == "classification" and grid.monitor == "val/acc"
+        # one held-out split for every seed, left out of the masked-LM corpus
+        assert mlm.data.split_seed == grid.data.split_seed == 0 and mlm.data.exclude_eval_texts
         assert (mlm.trainer.accelerator == "gpu") == (grid.trainer.accelerator == "gpu") == (full == "_full")
     script = CONF_DIR.parent / "scripts" / "reproduce_tapt.sh"
     assert (

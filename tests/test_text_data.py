@@ -118,6 +118,28 @@ def test_max_eval_examples_cuts_validation_and_test_stratified_and_seeded(tmp_pa
         files_module(path, tmp_path, max_eval_examples=8, folds=5)
 
 
+def test_split_seed_fixes_validation_and_test_while_the_seed_draws_the_training_subset(tmp_path):
+    path = write(tiny_reviews(100), tmp_path / "r.csv")
+    kwargs = {"max_train_examples": 40, "max_eval_examples": 10}
+    runs = [files_module(path, tmp_path, seed=s, split_seed=0, **kwargs) for s in (1, 2)]
+    plain = [files_module(path, tmp_path, seed=s, **kwargs) for s in (1, 2)]
+    for dm in (*runs, *plain):
+        dm.setup()
+    for split in ("validation", "test"):  # one held-out set (and subset) for every seed
+        assert runs[0].raw_inputs(split) == runs[1].raw_inputs(split)
+        assert plain[0].raw_inputs(split) != plain[1].raw_inputs(split)  # without it, the seed moves them
+        assert (runs[0].datasets[split].labels == 0).sum() == 5  # still stratified
+    assert runs[0].raw_inputs("train") != runs[1].raw_inputs("train")  # the seeds draw their own subsets
+    held = set(runs[0].raw_inputs("validation")[0]) | set(runs[0].raw_inputs("test")[0])
+    assert not held & set(runs[1].raw_inputs("train")[0])  # never trained on by any seed
+    # split_seed=<seed> is the default split of that seed
+    same = files_module(path, tmp_path, seed=1, split_seed=1, **kwargs)
+    same.setup()
+    assert all(same.raw_inputs(s) == plain[0].raw_inputs(s) for s in ("train", "validation", "test"))
+    with pytest.raises(ConfigError, match="data.split_seed=0 cannot be used with data.folds=5"):
+        files_module(path, tmp_path, split_seed=0, folds=5)
+
+
 def test_sentence_pairs_get_token_type_ids(tmp_path):
     frame = tiny_reviews(10).assign(other="and a second sentence")
     dm = files_module(write(frame, tmp_path / "p.csv"), tmp_path, text_pair_column="other", max_length=32)

@@ -50,6 +50,7 @@ class ClassificationDataModule(TensorDictDataModule):
     fold = 0
     group_column: str | None = None
     fold_index: Any = None  # the validation fold's rows in the source's (cleaned) training table
+    split_seed: int | None = None  # data.split_seed: seeds the held-out splits (null: data.seed)
     sampler = "none"  # data.sampler: none (seeded shuffle) or balanced (ftlab.data.imbalance)
 
     def __init__(
@@ -75,8 +76,12 @@ class ClassificationDataModule(TensorDictDataModule):
         max_train_examples: int | None,
         examples_per_class: int | None,
         max_eval_examples: int | None = None,
+        split_seed: int | None = None,
     ) -> None:
-        """Check and keep how held-out splits are cut from a source's training split (see ``_split_indices``)."""
+        """Check and keep how held-out splits are cut from a source's training split (see ``_split_indices``).
+        ``split_seed``: what seeds the held-out splits (and their ``max_eval_examples`` subsets, and a
+        ``class_fraction`` cut before them) instead of ``seed``, so runs of several seeds test on the same examples
+        while their training subsets, order and initialisation still vary (null: ``seed``)."""
         if max_eval_examples is not None and max_eval_examples <= 0:
             raise ConfigError(
                 f"data.max_eval_examples={max_eval_examples} must be positive (or null for all)."
@@ -91,6 +96,12 @@ class ClassificationDataModule(TensorDictDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_examples, self.examples_per_class = max_train_examples, examples_per_class
         self.max_eval_examples = max_eval_examples
+        self.split_seed = split_seed
+
+    @property
+    def holdout_seed(self) -> int:
+        """The seed of the held-out splits: ``data.split_seed``, or ``data.seed`` when that is null."""
+        return self.seed if self.split_seed is None else int(self.split_seed)
 
     def _set_folds(self, folds: int | None, fold: int, group_column: str | None) -> None:
         folds_module.check_folds(folds, fold, group_column)
@@ -100,6 +111,12 @@ class ClassificationDataModule(TensorDictDataModule):
                 "out-of-fold predictions must cover every example. Set data.max_eval_examples=null, or drop "
                 "data.folds and use data.val_fraction."
             )
+        if folds is not None and self.split_seed is not None:
+            raise ConfigError(
+                f"data.split_seed={self.split_seed} cannot be used with data.folds={folds}: the folds (and the "
+                "test split held out before them) follow data.seed, and data.fold chooses the validation fold. "
+                "Set data.split_seed=null, or drop data.folds."
+            )
         self.folds, self.fold, self.group_column = folds, fold, group_column
 
     def _eval_subset(self, split: str, labels: Any) -> Any:
@@ -108,7 +125,7 @@ class ClassificationDataModule(TensorDictDataModule):
         limit = self.max_eval_examples
         if limit is None or split not in ("validation", "test") or len(labels) <= limit:
             return None
-        return sampling.subsample(np.asarray(labels), limit, self.seed, "data.max_eval_examples")
+        return sampling.subsample(np.asarray(labels), limit, self.holdout_seed, "data.max_eval_examples")
 
     def _split_indices(self, labels: Any, missing: set[str], groups: Any = None) -> dict[str, Any]:
         """``sampling.split_train`` with this module's fractions, subset sizes and seed; with ``folds``, the
@@ -134,6 +151,7 @@ class ClassificationDataModule(TensorDictDataModule):
             self.examples_per_class,
             self.max_train_examples,
             self.seed,
+            self.holdout_seed,
         )
 
     @property

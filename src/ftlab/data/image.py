@@ -159,6 +159,8 @@ class ImageClassificationDataModule(ClassificationDataModule):
         val_fraction, test_fraction: held out from train, seeded and stratified, when the source has no such split.
         max_train_examples: a stratified subset of the training split. examples_per_class: few-shot sampling.
         max_eval_examples: a stratified, seeded subset of the validation and test splits (faster evaluation).
+        split_seed: seeds the held-out validation/test splits (and their subsets) in place of ``seed``: runs of
+            several seeds test on the same images (null: ``seed``).
         augment: train-time augmentation: ``none``, ``auto`` / ``light`` (a mild random crop, 85-100% of the
             image, no flip: safe for digits and text), ``basic`` (random resized crop 60-100% + horizontal flip),
             ``randaugment`` or ``trivialaugment`` (basic plus that policy).
@@ -193,6 +195,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         max_train_examples: int | None = None,
         examples_per_class: int | None = None,
         max_eval_examples: int | None = None,
+        split_seed: int | None = None,
         augment: str = "none",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -260,7 +263,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         )
         self.keep_classes = [str(c) for c in classes] if classes is not None else None
         self._set_split(
-            val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples
+            val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples, split_seed
         )
         self._set_folds(folds, fold, None)
         self.augment = augment
@@ -319,7 +322,7 @@ class ImageClassificationDataModule(ClassificationDataModule):
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         images, labels = splits["train"]
         if self.class_fraction:
-            kept = cut_classes(labels, self.class_fraction, self.seed)
+            kept = cut_classes(labels, self.class_fraction, self.holdout_seed)
             images, labels = images[kept], labels[kept]
         missing = {s for s in ("validation", "test") if s not in splits}
         # label sets are not stratified (a seeded random split)

@@ -119,6 +119,7 @@ class InstructDataModule(TokenizerOwner, ClassificationDataModule):
         val_fraction, test_fraction: held out from train (seeded; stratified for the embedded sets).
         max_train_examples: a seeded subset of the training split. max_eval_examples: a seeded subset of
             validation and test (stratified by answer where the split was cut from an embedded set).
+        split_seed: seeds the held-out splits and their subsets in place of ``seed`` (null: ``seed``).
         max_length: tokens per example (or packed row), at most the backbone's limit.
         batch_size, eval_batch_size, num_workers, seed, pin_memory, pad_to_multiple_of, bucketing: as in
             :class:`~ftlab.data.text.TextClassificationDataModule`.
@@ -144,6 +145,7 @@ class InstructDataModule(TokenizerOwner, ClassificationDataModule):
         test_fraction: float = 0.1,
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
+        split_seed: int | None = None,
         max_length: int = 256,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -155,7 +157,7 @@ class InstructDataModule(TokenizerOwner, ClassificationDataModule):
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         check_text_settings(preprocessing, max_length, pad_to_multiple_of, task, (TASK,))
-        self._set_split(val_fraction, test_fraction, max_train_examples, None, max_eval_examples)
+        self._set_split(val_fraction, test_fraction, max_train_examples, None, max_eval_examples, split_seed)
         self.preprocessing, self.max_length, self.packing = preprocessing, max_length, packing
         self.source = source
         self.files = {"train_file": train_file, "validation_file": validation_file, "test_file": test_file}

@@ -32,7 +32,7 @@ from ftlab.data.sources import SPLITS, load_text_source, read_table
 from ftlab.data.text import PadCollator, TextClassificationDataModule, tokenize_cached
 from ftlab.tasks.base import IGNORE_INDEX
 from ftlab.utils.devices import on_cuda, pad_multiple
-from ftlab.utils.errors import ConfigError, DataFileError
+from ftlab.utils.errors import ConfigError, DataError, DataFileError
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +185,20 @@ class MaskedTextDataModule(TextClassificationDataModule):
         masking: ``probability`` (0.15), ``whole_word`` (false), ``replace_mask`` (0.8) and ``replace_random``
             (0.1): of the selected tokens, the shares replaced by the mask token and by a random token (the rest
             stay). Whole-word masking replaces every selected token by the mask token (transformers 5).
+        exclude_eval_texts: leave out every text that a labelled run on the same source validates or tests on
+            (the same ``data.split_seed`` or ``seed``, fractions and files; ``TextClassificationDataModule``'s
+            split), so that adaptation never sees the later classifier's held-out texts. Needs a labelled source.
         Every other argument as in :class:`~ftlab.data.text.TextClassificationDataModule`; the label options are
         refused.
     """
 
-    def __init__(self, preprocessing: Any, masking: dict[str, Any] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        preprocessing: Any,
+        masking: dict[str, Any] | None = None,
+        exclude_eval_texts: bool = False,
+        **kwargs: Any,
+    ):
         refused = [k for k in LABELLED_OPTIONS if kwargs.get(k) is not None]
         refused += ["sampler"] if kwargs.get("sampler", "none") != "none" else []
         if refused:
@@ -198,6 +207,9 @@ class MaskedTextDataModule(TextClassificationDataModule):
                 f"masked per example); set data.{refused[0]}=null (data.sampler=none)."
             )
         kwargs["task"] = "classification"  # the parent's label checks pass; no label is read below
+        # what a labelled run on this source would be given (its held-out split: exclude_eval_texts)
+        self.labelled_args = {**kwargs, "max_train_examples": None, "max_eval_examples": None}
+        self.exclude_eval_texts = bool(exclude_eval_texts)
         super().__init__(preprocessing, **kwargs)
         self.task = TASK
         self.columns["label_column"] = None
@@ -208,6 +220,8 @@ class MaskedTextDataModule(TextClassificationDataModule):
             return
         tables = self._load()
         tables = {split: self._clean(frame, split) for split, frame in tables.items()}
+        if self.exclude_eval_texts:
+            tables = self._without_eval_texts(tables)
         train = tables["train"].reset_index(drop=True)
         missing = {s for s in ("validation", "test") if s not in tables}
         indices = self._split_indices(np.zeros(len(train)), missing)  # random, seeded: nothing to stratify
@@ -223,6 +237,29 @@ class MaskedTextDataModule(TextClassificationDataModule):
             self.datasets[split] = MaskedText(self._tokenize(tables[split]), self.seed, STREAMS[split])
         sizes = ", ".join(f"{s}={len(d)}" for s, d in self.datasets.items())
         log.info("Masked-LM text %s: %s texts; masking %s.", self.source_args["source"], sizes, self.masking)
+
+    def _without_eval_texts(self, tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+        """``tables`` less the texts a labelled run on this source holds out for validation and test."""
+        try:
+            labelled = TextClassificationDataModule(self.preprocessing, **self.labelled_args)
+            held = labelled._split(
+                {s: labelled._clean(f, s) for s, f in load_text_source(**labelled.source_args).items()}
+            )
+        except (ConfigError, DataError) as err:
+            raise ConfigError(
+                "data.exclude_eval_texts=true leaves out the texts a labelled run on this source validates and "
+                "tests on, so it needs the source's labels (data.label_column), which could not be read: "
+                f"{err} Set data.exclude_eval_texts=false for unlabelled text."
+            ) from err
+        text = str(self.columns["text_column"])
+        eval_texts = set(held["validation"][text].astype(str)) | set(held["test"][text].astype(str))
+        kept = {s: f[~f[text].astype(str).isin(eval_texts)] for s, f in tables.items()}
+        log.info(
+            "data.exclude_eval_texts: left out %d texts that labelled runs (split seed %d) validate or test on.",
+            sum(len(f) - len(kept[s]) for s, f in tables.items()),
+            labelled.holdout_seed,
+        )
+        return kept
 
     def _load(self) -> dict[str, pd.DataFrame]:
         """The source's tables; with ``source=files``, a ``.txt`` file is read as one text per line."""

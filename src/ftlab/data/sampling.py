@@ -76,19 +76,22 @@ def split_train(
     examples_per_class: int | None,
     max_train_examples: int | None,
     seed: int,
+    split_seed: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Indices into the source's training split: the held-out splits in ``missing``, then the (subset) train split.
 
     Fractions are of the whole training source, not of what the previous split left. ``labels`` is what to
-    stratify on (class labels; regression targets are not stratified).
+    stratify on (class labels; regression targets are not stratified). ``split_seed`` (default ``seed``) seeds the
+    held-out splits, ``seed`` the training subsets: one split, several training draws.
     """
+    holdout_seed = seed if split_seed is None else split_seed
     total = len(labels)
     index = np.arange(total)
     splits: dict[str, np.ndarray] = {}
     for split, fraction in (("test", test_fraction), ("validation", val_fraction)):
         if split in missing:
             key = "data.test_fraction" if split == "test" else "data.val_fraction"
-            rest, held = split_off(labels[index], fraction * total / len(index), seed, key)
+            rest, held = split_off(labels[index], fraction * total / len(index), holdout_seed, key)
             splits[split], index = index[held], index[rest]
     if examples_per_class is not None:
         index = index[few_shot(labels[index], examples_per_class, seed)]

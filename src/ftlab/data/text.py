@@ -240,6 +240,8 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
             validates; rows sharing a ``group_column`` value stay in one fold; the test split is the same for all.
         max_length: truncation length in tokens (at most the backbone's limit).
         batch_size, eval_batch_size, num_workers: loader settings. seed: for splits, subsets and shuffling.
+        split_seed: seeds the held-out validation/test splits (and their ``max_eval_examples`` subsets) in place
+            of ``seed``: runs of several seeds test on the same examples (null: ``seed``).
         cache_dir: where tokenized splits are cached (``null``: no cache).
         bucketing: training batches of similar length (:class:`~ftlab.data.samplers.LengthBucketSampler`):
             less padding, same examples per epoch; ``false``: a plain seeded shuffle.
@@ -255,8 +257,8 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
             ``{rotten: 0.1}``, before validation/test are held out of it (an imbalanced set; seeded).
         text_augment: training-time EDA / character noise, e.g. ``{ops: [eda], n_aug: 1}``
             (:class:`~ftlab.augment.text.TextAugment`); ``null``: none.
-        masking: ``task=masked_lm`` only: unlabelled text, masked per example; the module built is then a
-            :class:`~ftlab.data.masking.MaskedTextDataModule` (see there for the masking options).
+        masking, exclude_eval_texts: ``task=masked_lm`` only: unlabelled text, masked per example; the module
+            built is then a :class:`~ftlab.data.masking.MaskedTextDataModule` (see there for these options).
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
@@ -295,6 +297,7 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | str = "auto",
         seed: int = 0,
+        split_seed: int | None = None,
         cache_dir: str | None = None,
         bucketing: bool = True,
         padding: str = "longest",
@@ -306,10 +309,12 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
         label_separator: str = "|",
         text_augment: dict[str, Any] | None = None,
         masking: dict[str, Any] | None = None,
+        exclude_eval_texts: bool = False,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
-        if masking is not None:
-            raise ConfigError(f"data.masking applies to data.task=masked_lm only (data.task={task}).")
+        for key, value in (("masking", masking), ("exclude_eval_texts", exclude_eval_texts or None)):
+            if value is not None:
+                raise ConfigError(f"data.{key} applies to data.task=masked_lm only (data.task={task}).")
         self.text_augment = TextAugment.from_config(text_augment)
         if padding not in PADDING:
             raise ConfigError(f"data.padding={padding!r} is not one of {', '.join(PADDING)}.")
@@ -321,7 +326,7 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
         self.label_separator = label_separator
         self.sampler, self.class_fraction = sampler, dict(class_fraction) if class_fraction else None
         self._set_split(
-            val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples
+            val_fraction, test_fraction, max_train_examples, examples_per_class, max_eval_examples, split_seed
         )
         self._set_folds(folds, fold, group_column)
         self.preprocessing = preprocessing
@@ -389,7 +394,8 @@ class TextClassificationDataModule(TokenizerOwner, ClassificationDataModule):
         """Hold out validation/test from train when the source lacks them; then subset the training split."""
         train = tables["train"].reset_index(drop=True)
         if self.class_fraction:
-            kept = cut_classes(train[self.columns["label_column"]].to_numpy(), self.class_fraction, self.seed)
+            labels = train[self.columns["label_column"]].to_numpy()
+            kept = cut_classes(labels, self.class_fraction, self.holdout_seed)
             train = train.iloc[kept].reset_index(drop=True)
         missing = {s for s in ("validation", "test") if s not in tables}
         groups = group_values(train, self.group_column) if self.group_column else None

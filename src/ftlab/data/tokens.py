@@ -139,6 +139,7 @@ class TokenClassificationDataModule(TokenizerOwner, ClassificationDataModule):
         label_all_subtokens: tag every subtoken of a word, not only the first.
         val_fraction, test_fraction: held out from train (seeded, stratified on "has a tag other than O").
         max_train_examples: a seeded subset of the training sentences.
+        split_seed: seeds the held-out splits in place of ``seed`` (null: ``seed``).
         max_length: truncation in subtokens; words past it are not scored (and predicted as ``null``).
         batch_size, eval_batch_size, num_workers, seed, pin_memory, pad_to_multiple_of, bucketing: as in
             :class:`~ftlab.data.text.TextClassificationDataModule`.
@@ -168,6 +169,7 @@ class TokenClassificationDataModule(TokenizerOwner, ClassificationDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | str = "auto",
         seed: int = 0,
+        split_seed: int | None = None,
         cache_dir: str | None = None,
         bucketing: bool = True,
         pin_memory: bool | str = "auto",
@@ -175,7 +177,7 @@ class TokenClassificationDataModule(TokenizerOwner, ClassificationDataModule):
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory)
         check_text_settings(preprocessing, max_length, pad_to_multiple_of, task, (TASK,))
-        self._set_split(val_fraction, test_fraction, max_train_examples, None)
+        self._set_split(val_fraction, test_fraction, max_train_examples, None, None, split_seed)
         self.preprocessing, self.max_length = preprocessing, max_length
         self.source_args: dict[str, Any] = dict(
             source=source,
