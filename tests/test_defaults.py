@@ -156,3 +156,82 @@ def test_an_image_folder_run_trains_predicts_and_evaluates_at_the_size_auto_chos
     # evaluation rebuilds the data module: the run's size is kept, not chosen again
     datamodule = datamodule_for(run)
     assert datamodule.datasets["test"][0]["pixel_values"].shape == (3, 64, 64)
+
+
+def test_the_panel_script_sweeps_defaults_and_five_rates_per_dataset(tmp_path):
+    """scripts/defaults_panel.sh with a stand-in Python that records each sweep's command line: two sweeps per
+    dataset (defaults only; five learning rates), 3 seeds each, and every command composes to the defaults."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    record = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {record}\n')
+    fake.chmod(0o755)
+    (tmp_path / "data" / "mnist5k").mkdir(parents=True)  # the data writer is skipped
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": str(fake), "PANEL_DATA": str(tmp_path / "data"), "STAMP": "t"}
+    done = subprocess.run(
+        [
+            "bash",
+            "scripts/defaults_panel.sh",
+            "mnist5k",
+            "noun_share",
+            "wnut16",
+            "--",
+            "hydra/launcher=parallel",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    calls = [line.split() for line in record.read_text().splitlines()]
+    assert len(calls) == 6 and all(c[:3] == ["-m", "ftlab.train", "-m"] for c in calls)
+    names = [next(a for a in c if a.startswith("name=")) for c in calls]
+    assert names == [
+        f"name=panel_{d}_{kind}" for d in ("mnist5k", "noun_share", "wnut16") for kind in ("default", "lr")
+    ]
+    for call in calls:
+        args = dict(a.split("=", 1) for a in call[3:] if "=" in a and not a.startswith(("hydra.", "paths.")))
+        assert args.pop("seed") == "1,2,3" and args.pop("hydra/launcher") == "parallel"
+        rates = args.pop("optimizer.lr", None)
+        assert rates is None or len(rates.split(",")) == 5
+        cfg = compose_cfg([f"{k}={v}" for k, v in args.items()])
+        # nothing else is set: the model family's rate (one of the five), the image defaults chosen from the data
+        assert rates is None or cfg.optimizer.lr in [float(r) for r in rates.split(",")]
+        if cfg.data.get("root"):
+            assert (cfg.optimizer.lr, cfg.data.input_size, cfg.data.augment) == (1e-3, "auto", "auto")
+        else:
+            assert cfg.optimizer.lr == 1e-4 and cfg.model.backbone.name_or_path.endswith("all-MiniLM-L6-v2")
+    noun = compose_cfg([a for a in calls[2][3:] if a.startswith("data")])
+    assert (noun.data.task, noun.data.label_column) == ("regression", "target")
+
+
+def test_the_panel_summary_compares_defaults_with_the_best_rate(tmp_path):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "panel_summary", root / "scripts" / "defaults_panel_summary.py"
+    )
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+
+    def write(
+        sweep: str, rows: list[tuple[float, float]], task: str = "classification", metric: str = "test/acc"
+    ):
+        for i, (lr, score) in enumerate(rows):
+            (tmp_path / sweep / str(i)).mkdir(parents=True)
+            record = {"task": task, "optimizer/lr": lr, metric: score}
+            (tmp_path / sweep / str(i) / "metrics.json").write_text(json.dumps(record))
+
+    write("panel_digits_default_s", [(1e-3, 0.90), (1e-3, 0.92), (1e-3, 0.94)])
+    write("panel_digits_lr_s", [(1e-3, 0.92), (1e-3, 0.92), (1e-2, 0.96), (1e-2, 0.98), (1e-4, 0.99)])
+    write("panel_noun_share_default_s", [(1e-4, 0.5)], "regression", "test/r2")
+    table = summary.summarise(sorted(tmp_path.iterdir()))
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    # the best rate by its mean over seeds (1e-4: 0.99 beats 1e-2: 0.97 and 1e-3: 0.92); 0.92 / 0.99 = 93%
+    assert rows["digits"] == "| digits | test/acc | 0.920 ± 0.020 (0.001) | 0.990 ± 0.000 (0.0001) | 93% |"
+    assert "(incomplete)" in rows["noun_share"]
