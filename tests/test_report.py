@@ -143,7 +143,7 @@ def test_rows_without_the_x_key_are_horizontal_lines_on_its_plot(tmp_path: Path,
         over = ["+method=zero_shot_llm", "data.examples_per_class=null", f"seed={seed}"]
         _job(flat, seed + 2, over, {"test/acc": acc + 0.2}, {"status": "completed"})
     figures = []
-    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi: figures.append((fig, path)))
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, **kw: figures.append((fig, path)))
     result = report.report([curve, flat], metrics=["test/acc"])
     [(fig, path)] = figures
     assert path.name == "plot_data.examples_per_class.png"
@@ -154,5 +154,6 @@ def test_rows_without_the_x_key_are_horizontal_lines_on_its_plot(tmp_path: Path,
     assert len(llm) == 1 and list(llm[0].get_ydata()) == pytest.approx([0.76, 0.76])
     curves = {t.get_text() for t in ax.get_legend().get_texts()}
     assert curves == {"full", "setfit", "zero_shot", "zero_shot_llm (data.examples_per_class=null)"}
+    assert ax.get_legend().get_bbox_to_anchor().x0 > ax.bbox.x1  # beside the panel, not over the curves
     table = result["table"]
     assert set(table["method"]) == {"full", "setfit", "zero_shot", "zero_shot_llm"} and len(table) == 8

@@ -283,11 +283,17 @@ def plot(table: pd.DataFrame, metrics: list[str], keys: list[str], out: Path) ->
             if xs.min() > 0 and xs.max() / xs.min() >= 10:  # learning rates, weight decays: log scale
                 ax.set_xscale("log")
             ax.set(xlabel=key, ylabel=m)
-            if others or not flat.empty:
-                ax.legend(fontsize="small", title=", ".join(others) or None)
+        if others or not flat.empty:  # one legend, beside the last panel, never over a curve
+            axes[0][-1].legend(
+                fontsize="small",
+                title=", ".join(others) or None,
+                loc="upper left",
+                bbox_to_anchor=(1.02, 1.0),
+                borderaxespad=0.0,
+            )
         fig.tight_layout()
         path = out / f"plot_{re.sub(r'[^A-Za-z0-9._-]+', '_', key)}.png"
-        save_figure(fig, path, dpi=120)
+        save_figure(fig, path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     if not written and names and len(table) > 1:  # nothing numeric to put on an axis: one bar per row
