@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The defaults panel (issue #20, docs/defaults.md): on datasets that no preset was tuned for, written in the formats
 # a user brings (scripts/defaults_panel_data.py), a run with the defaults only vs the best of a 5-point
-# learning-rate sweep with the same epochs; 3 seeds each.
+# learning-rate sweep with the same epochs; 3 seeds each. The sweep's middle point, the family preset's own rate, is
+# the default run itself (setting optimizer.lr to the preset's value changes nothing else), so the sweep runs the
+# other four rates and the summary pools the default run in as the fifth point: 15 runs a dataset, not 18.
 #   scripts/defaults_panel.sh [dataset ...] [-- overrides, e.g. hydra/launcher=parallel]
 #   datasets: mnist5k digits lfw_faces rotten_tomatoes debates_2016 noun_share wnut16 (default: all)
 # Then: python scripts/defaults_panel_summary.py outputs/multirun/panel_*_$STAMP  (the table of docs/defaults.md)
@@ -18,8 +20,8 @@ while [ $# -gt 0 ]; do
 done
 [ ${#datasets[@]} -gt 0 ] || datasets=(mnist5k digits lfw_faces rotten_tomatoes debates_2016 noun_share wnut16)
 
-IMAGE_LRS=1e-4,3e-4,1e-3,3e-3,1e-2   # around the CNN preset (1e-3)
-TEXT_LRS=1e-5,3e-5,1e-4,3e-4,1e-3    # around the MiniLM preset (1e-4)
+IMAGE_LRS=1e-4,3e-4,3e-3,1e-2   # around the CNN preset (1e-3: the default run)
+TEXT_LRS=1e-5,3e-5,3e-4,1e-3    # around the MiniLM preset (1e-4: the default run)
 for name in "${datasets[@]}"; do
   case $name in
     mnist5k|digits|lfw_faces)
