@@ -91,6 +91,37 @@ def test_auto_loader_settings_follow_the_device(monkeypatch: pytest.MonkeyPatch)
     assert devices.loader_settings(0, True, _trainer("cpu"))["pin_memory"] is True
 
 
+def _loader_in_a_loky_worker() -> tuple[list[int], str]:
+    """In a joblib/loky worker: the batches of a 2-worker loader with ftlab's settings, and how a loader with
+    torch's default context fares there."""
+    from torch.utils.data import DataLoader
+
+    from ftlab.utils import devices as worker_devices
+
+    loader = DataLoader(list(range(6)), batch_size=2, **worker_devices.loader_settings(2, False, None))
+    batches = [int(x) for batch in loader for x in batch]
+    try:
+        list(DataLoader(list(range(6)), batch_size=2, num_workers=2))
+        plain = "ok"
+    except Exception as error:  # noqa: BLE001 - reported to the test, which names what it expects
+        plain = f"{type(error).__name__}: {error}"
+    return batches, plain
+
+
+def test_loader_workers_start_inside_a_joblib_sweep_job() -> None:
+    """hydra/launcher=parallel runs each job in a loky worker, whose default start method is loky's own: torch's
+    loader workers cannot start through it, so an image-folder sweep (num_workers: 2) failed before its first batch.
+    The loader settings name the platform's default context there (and nothing in an ordinary process)."""
+    from joblib import Parallel, delayed
+
+    [(batches, plain)] = Parallel(n_jobs=2, backend="loky")(
+        delayed(_loader_in_a_loky_worker)() for _ in range(1)
+    )
+    assert batches == [0, 1, 2, 3, 4, 5]
+    assert "has no attribute 'env'" in plain  # the failure the explicit context avoids
+    assert "multiprocessing_context" not in devices.loader_settings(2, False, None)
+
+
 @pytest.mark.parametrize("data", ["text", "image"])
 def test_data_modules_pin_and_use_workers_only_on_a_gpu(data, reviews_csv, tmp_path) -> None:
     if data == "text":

@@ -108,6 +108,7 @@ def skipping_loader(loader: DataLoader, skipped: Skipped) -> Iterator[dict[str, 
         collate_fn=SkippingCollator(loader.collate_fn),
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
+        multiprocessing_context=loader.multiprocessing_context,
     )
     for batch in again:
         skipped += batch.pop(SKIPPED_KEY)

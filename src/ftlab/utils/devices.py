@@ -12,11 +12,16 @@
   221 ms a step on first sight against 26 ms once seen; padded to a multiple of 8 they are 7 widths and the first
   pass took 41 ms a step (24 ms once seen). Multiples of 8 are also the shapes tensor cores want. On CPU there is
   no such first-shape cost to amortise and every padded token is computed, so it stays off.
+- Loader workers start with the platform's default start method, named explicitly when the process's own default
+  is something else: inside a ``hydra/launcher=parallel`` job (a joblib/loky worker) it is loky's context, whose
+  ``Popen`` torch's worker processes cannot go through (``'Process' object has no attribute 'env'``), so every
+  sweep over an image folder (``num_workers: 2``) failed there before its first batch.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from typing import Any
 
@@ -99,4 +104,18 @@ def loader_settings(num_workers: Any, pin_memory: Any, trainer: Any) -> dict[str
     else:
         workers = int(num_workers)
     pin = cuda if pin_memory == AUTO else bool(pin_memory)
-    return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin}
+    settings = {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": pin}
+    if workers > 0 and (context := worker_context()) is not None:
+        settings["multiprocessing_context"] = context
+    return settings
+
+
+def worker_context() -> Any:
+    """The multiprocessing context for ``DataLoader`` workers: ``None`` (torch's default) unless this process's
+    default start method is not one of the platform's own, as in a loky worker (a joblib-launched sweep job),
+    where it is the platform's default (the first of ``get_all_start_methods``)."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    platform = multiprocessing.get_all_start_methods()
+    if method is None or method in platform:
+        return None
+    return multiprocessing.get_context(platform[0])
