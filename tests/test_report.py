@@ -157,3 +157,28 @@ def test_rows_without_the_x_key_are_horizontal_lines_on_its_plot(tmp_path: Path,
     assert ax.get_legend().get_bbox_to_anchor().x0 > ax.bbox.x1  # beside the panel, not over the curves
     table = result["table"]
     assert set(table["method"]) == {"full", "setfit", "zero_shot", "zero_shot_llm"} and len(table) == 8
+
+
+def test_a_group_one_sweep_leaves_at_its_default_is_named_from_the_job_config(tmp_path: Path):
+    """Two sweeps side by side, the second setting model= and finetune=, the first keeping the experiment's defaults:
+    the first's rows name the defaults (from .hydra/hydra.yaml), not empty cells; a job without one keeps a blank."""
+
+    def hydra_choices(job: Path, **choices: str | None) -> None:
+        lines = "".join(f"      {k}: {'null' if v is None else v}\n" for k, v in choices.items())
+        (job / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    choices:\n{lines}")
+
+    small, large = tmp_path / "minilm", tmp_path / "smollm2"
+    for seed, acc in [(1, 0.79), (2, 0.81)]:
+        job = _job(small, seed, ["experiment=e", f"seed={seed}"], {"test/acc": acc}, {"status": "completed"})
+        hydra_choices(job, model="minilm", finetune="full", task=None)
+        over = ["experiment=e", "model=smollm2", "finetune=lora", f"seed={seed}"]
+        job = _job(large, seed, over, {"test/acc": acc + 0.03}, {"status": "completed"})
+        hydra_choices(job, model="smollm2", finetune="lora", task=None)
+    table = report.report([small, large], plots=False)["table"].set_index(["model", "finetune"])
+    assert sorted(table.index) == [("minilm", "full"), ("smollm2", "lora")]
+    assert table.loc[("minilm", "full"), "test/acc mean"] == pytest.approx(0.80)
+    assert "experiment=e" in report.report([small, large], plots=False)["markdown"]  # shared: listed as fixed
+
+    (small / "1" / ".hydra" / "hydra.yaml").unlink()  # no record of its choices: left blank, no error
+    table = report.report([small, large], plots=False)["table"]
+    assert sorted(table["model"].fillna("")) == ["", "minilm", "smollm2"]

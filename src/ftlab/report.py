@@ -4,7 +4,9 @@
 
 Jobs are grouped by their overrides (``metrics.json``'s ``overrides``, else ``.hydra/overrides.yaml``) with the
 ignored keys (default ``seed`` and ``data.fold``: a k-fold sweep's folds, or its seeds x folds, are averaged) and
-the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``) removed. Per group: mean, sample
+the where-to-write keys (``paths.*``, ``hydra.*``, ``resume``, ``logger``) removed; a config group that some jobs
+set and others leave at its default (``model=smollm2`` in one sweep beside another that keeps ``minilm``) gets the
+default's name from the job's ``.hydra/hydra.yaml`` rather than an empty cell. Per group: mean, sample
 standard deviation (ddof=1; empty for n=1) and n of each metric, the trainable parameters and the mean wall time.
 Writes ``results.md``, ``results.csv``, ``results.tex`` and ``plot_<key>.png`` (test/<monitored name> and
 best/<monitor>, or ``--metrics``, against each swept numeric value, error bars = std; rows where that key is unset
@@ -34,6 +36,7 @@ from ftlab.utils.errors import ConfigError, DataFileError, FtlabError
 from ftlab.utils.safe_files import save_figure, write_frame, write_text
 
 DROPPED = ("paths.", "hydra.", "hydra/", "resume", "logger")  # overrides that do not change the result
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # hydra.yaml is read once per job that needs it
 
 
 def _job_dirs(sweep: Path) -> list[Path]:
@@ -68,9 +71,32 @@ def _overrides(job: Path, metrics: dict[str, Any] | None, ignore: set[str]) -> d
     }
 
 
+def _choices(job: Path) -> dict[str, str]:
+    """The config group options Hydra composed the job from (``hydra.runtime.choices``: ``model: minilm``, ...)."""
+    try:
+        saved = yaml.load((job / ".hydra" / "hydra.yaml").read_text(), Loader=_LOADER) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    choices = ((saved.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    return {str(k): str(v) for k, v in choices.items() if v is not None}
+
+
+def _fill_group_defaults(frame: pd.DataFrame, jobs: list[Path]) -> pd.DataFrame:
+    """Each override column that names a config group, filled where a job did not set it with the option the job
+    was composed from (its default), read only for the jobs that need it."""
+    columns = [c for c in frame.columns if c.startswith("override:")]
+    missing = frame[columns].isna().any(axis=1) if columns else pd.Series(False, index=frame.index)
+    choices = {i: _choices(jobs[i]) for i in frame.index[missing]}
+    for column in columns:
+        key = column.split(":", 1)[1]
+        fill = pd.Series([choices.get(i, {}).get(key) for i in frame.index], index=frame.index, dtype=object)
+        frame[column] = frame[column].where(frame[column].notna(), fill)
+    return frame
+
+
 def collect(sweeps: list[Path], ignore: set[str]) -> pd.DataFrame:
     """One row per job: ``job``, ``status`` (completed/failed/pruned/unfinished), ``error``, overrides, metrics."""
-    rows = []
+    rows, dirs = [], []
     for sweep in sweeps:
         if not sweep.is_dir():
             raise DataFileError(
@@ -95,11 +121,12 @@ def collect(sweeps: list[Path], ignore: set[str]) -> pd.DataFrame:
                 )
                 row["monitor"] = metrics.get("monitor")
             rows.append(row)
+            dirs.append(job)
     if not rows:
         raise DataFileError(
             f"ftlab-report: no job folders (with .hydra/, metrics.json or status.json) under {', '.join(map(str, sweeps))}."
         )
-    return pd.DataFrame(rows)
+    return _fill_group_defaults(pd.DataFrame(rows), dirs)
 
 
 def default_metrics(jobs: pd.DataFrame) -> list[str]:
