@@ -342,6 +342,13 @@ def test_a_run_learns_the_answers_and_predict_generates_them(tiny_llama, tmp_pat
         and after["test/perplexity"] < before["test/perplexity"]
     )
     assert after["params/head/total"] == 0  # the model's own (tied) LM head: no new parameters
+    # the test stage's generations are in the run folder, each with its prompt, reference and scores
+    for run, record in ((tmp_path / "r0", before), (out, after)):
+        rows = [json.loads(line) for line in (run / "generations_test.jsonl").read_text().splitlines()]
+        assert rows and all("Review:" in r["prompt"] and r["reference"] in ("fresh", "rotten") for r in rows)
+        assert sum(r["exact_match"] for r in rows) / len(rows) == pytest.approx(record["test/exact_match"])
+        assert sum(r["f1"] for r in rows) / len(rows) == pytest.approx(record["test/f1"], abs=1e-3)
+    assert all(r["output"] == r["reference"] for r in rows)  # after training: the answers themselves
     (out / ".hydra").mkdir()
     OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # what a Hydra run writes; train() alone does not
     from ftlab.evaluate import evaluate

@@ -7,12 +7,16 @@ head (:class:`~ftlab.models.backbones.causal_lm.HFCausalLM`), so logits are (B, 
 
 Metrics per stage: ``perplexity`` (exp of the mean response-token loss, torchmetrics), ``token_acc``
 (teacher-forced next-token accuracy on response tokens) and, at validation and test, ``exact_match`` and ``f1``
-of greedy generations for the first ``generate_examples`` examples of the split against their references.
+of greedy generations for the first ``generate_examples`` examples of the split against their references. The
+test stage's generations, each with its prompt, reference and scores, go to ``generations_test.jsonl`` in the run
+folder (rank 0's share under DDP), so what the scores count can be read.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -129,6 +133,7 @@ class CausalLMTask(Task):
             )
         self.max_new_tokens, self.generate_examples = int(max_new_tokens), int(generate_examples)
         self._tokenizer: Any = None
+        self.test_generations: list[dict[str, Any]] = []  # the last test epoch's, for write_files
 
     def hparams(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "generate_examples": self.generate_examples}
@@ -182,7 +187,31 @@ class CausalLMTask(Task):
         if not prompts:
             return
         new = generation.generate(module.backbone.model, tokenizer, prompts, self.max_new_tokens)
-        scores.update([tokenizer.decode(t, skip_special_tokens=True).strip() for t in new], references)
+        outputs = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None and trainer.testing:
+            if int(scores.count) == 0:  # the first scored batch of a test epoch
+                self.test_generations = []
+            self.test_generations += [
+                {
+                    "prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                    "reference": reference,
+                    "output": output,
+                    "exact_match": generation.exact_match(output, reference),
+                    "f1": round(generation.token_f1(output, reference), 4),
+                }
+                for prompt, reference, output in zip(prompts, references, outputs, strict=True)
+            ]
+        scores.update(outputs, references)
+
+    def write_files(self, run_dir: Path) -> None:
+        """``generations_test.jsonl``: the test stage's scored generations, one JSON object a line."""
+        from ftlab.runs.folder import GENERATIONS_FILE
+        from ftlab.utils.safe_files import write_text
+
+        if self.test_generations:
+            lines = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.test_generations)
+            write_text(run_dir / GENERATIONS_FILE, lines)
 
     def generate_rows(
         self,
