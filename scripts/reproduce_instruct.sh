@@ -2,6 +2,7 @@
 # SmolLM2-135M-Instruct before/after a short LoRA instruction tuning, on both embedded demonstration sets
 # (Rotten Tomatoes review -> fresh/rotten, WNUT-16 tweet -> entity list; docs/instruction_tuning.md).
 #   scripts/reproduce_instruct.sh [overrides]          STEPS (default 16, batch 4) and TEST (default 48) size it
+#   STEPS=128 TEST=200 scripts/reproduce_instruct.sh   the table of docs/instruction_tuning.md (~55 min, 2 idle cores)
 # "before": nothing trains (max_steps=0, no checkpoint), the test stage scores the model as loaded; "after": LoRA
 # for STEPS steps of 4 examples (one epoch over STEPS*4 training examples), seeds 1, 2, 3, then the same test slice
 # (data.seed=0 fixes the split, the test slice and the training subset; the seeds change the adapters' init and
