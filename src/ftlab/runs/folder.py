@@ -27,9 +27,8 @@ THRESHOLDS_FILE = (
 STATUS_FILE = "status.json"  # a sweep job's completed/failed record (ftlab.runs.jobs)
 BACKBONE_FILE = "backbone.pt"  # the backbone alone (save_backbone=true), for transfer
 SETFIT_BODY_FILE = "setfit_body.pt"  # finetune=setfit: the body after its contrastive stage (resume)
-GENERATIONS_FILE = (
-    "generations_test.jsonl"  # a causal_lm run's scored test generations (prompt, reference, output)
-)
+# a causal_lm run's scored test generations (prompt, reference, output, scores)
+GENERATIONS_FILE = "generations_test.jsonl"
 OOF_FILE = "oof_predictions.csv"  # a k-fold run's validation-fold predictions (ftlab.crossval)
 CONFIG_FILE = ".hydra/config.yaml"
 OVERRIDES_FILE = ".hydra/overrides.yaml"
