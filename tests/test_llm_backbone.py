@@ -81,12 +81,23 @@ def test_pooling_gives_the_unpadded_features_under_left_and_right_padding(tiny_l
     assert backbone.token_features(batch).shape == (2, 6, 32)
 
 
-def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(tiny_llm):
+@pytest.mark.parametrize("kind", ["body", "causal_lm"])
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(tiny_llm, kind):
+    """For the classifier's decoder body (model=llm) and the whole causal LM (model=smollm2_lm), through the
+    current transformers API (the deprecated gradient_checkpointing_enable warns, which fails here)."""
+    import warnings
+
+    from ftlab.models.backbones.causal_lm import HFCausalLM
+
     batch = {"input_ids": torch.tensor([[101, 2023, 3185, 102]]), "attention_mask": torch.ones(1, 4)}
     grads, calls = [], []
     for checkpointing in (False, True):
-        backbone = LLMBackbone(str(tiny_llm), gradient_checkpointing=checkpointing).train()
-        counter, mlp = [], backbone.model.layers[0].mlp
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            build = LLMBackbone if kind == "body" else HFCausalLM
+            backbone = build(str(tiny_llm), gradient_checkpointing=checkpointing).train()
+        body = backbone.model if kind == "body" else backbone.model.model
+        counter, mlp = [], body.layers[0].mlp
         mlp.forward = lambda x, c=counter, f=mlp.forward: c.append(1) or f(x)  # recomputation skips hooks
         backbone(batch).square().sum().backward()
         grads.append({n: p.grad for n, p in backbone.named_parameters()})

@@ -38,7 +38,12 @@ class HFCausalLM(nn.Module):
     ):
         super().__init__()
         # shared with model=smollm2 / model=llm: GGUF files (embedded:smollm2) become a cached fp32 folder once
-        from ftlab.models.backbones.llm import LLAMA_TARGETS, load_causal_lm, resolve_llm
+        from ftlab.models.backbones.llm import (
+            LLAMA_TARGETS,
+            enable_checkpointing,
+            load_causal_lm,
+            resolve_llm,
+        )
 
         path = resolve_llm(name_or_path, cache_dir)
         model: Any  # an HF PreTrainedModel (its methods are not typed as nn.Module's)
@@ -48,7 +53,7 @@ class HFCausalLM(nn.Module):
                 f"model.backbone.name_or_path={name_or_path!r} is not a causal LM with an LM head."
             )
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         self.name_or_path, self.model = name_or_path, model
         self.out_features: int = int(model.get_output_embeddings().weight.shape[0])  # the vocabulary
         limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)

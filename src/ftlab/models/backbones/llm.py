@@ -226,6 +226,17 @@ def _load(
         ) from err
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Activation (gradient) checkpointing on an HF model, non-reentrant: it works with frozen inputs (LoRA) and
+    needs no extra input gradients. transformers 5 names it ``activation_checkpointing_enable`` (the old name warns
+    and goes in v6); 4.x has only ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class LLMBackbone(nn.Module):
     """The decoder body of a causal LM (``AutoModel``, no LM head) pooled to one vector per example.
 
@@ -267,8 +278,8 @@ class LLMBackbone(nn.Module):
         self.model = _load(
             AutoModel, name_or_path, path, pretrained, config_overrides, revision, trust_remote_code
         )
-        if gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and no extra input grads
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:
+            enable_checkpointing(self.model)
         config = self.model.config
         self.out_features: int = config.hidden_size
         positions = getattr(config, "max_position_embeddings", None) or max_length
