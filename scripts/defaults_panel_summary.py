@@ -43,14 +43,14 @@ def summarise(sweeps: list[Path]) -> str:
         if match:
             found[match.group(1)][match.group(2)] = sweep
     lines = [
-        "| dataset | metric | defaults (lr) | best of 5 lrs (lr) | defaults / best |",
-        "| --- | --- | --- | --- | --- |",
+        "| dataset | metric | defaults (lr) | best of 5 lrs (lr) | defaults / best | every rate (mean) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, pair in sorted(found.items()):
         default = _runs(pair["default"]) if "default" in pair else []
         swept = _runs(pair["lr"]) if "lr" in pair else []
         if not default or not swept:
-            lines.append(f"| {name} | | (incomplete) | | |")
+            lines.append(f"| {name} | | (incomplete) | | | |")
             continue
         metric = default[0]["metric"]
         d_mean, d_std = _mean([r[metric] for r in default])
@@ -60,9 +60,10 @@ def summarise(sweeps: list[Path]) -> str:
         by_lr.setdefault(float(default[0]["optimizer/lr"]), [r[metric] for r in default])
         best_lr, scores = max(by_lr.items(), key=lambda item: statistics.fmean(item[1]))
         b_mean, b_std = _mean(scores)
+        rates = ", ".join(f"{lr:g}: {statistics.fmean(v):.3f}" for lr, v in sorted(by_lr.items()))
         lines.append(
             f"| {name} | {metric} | {d_mean:.3f} ± {d_std:.3f} ({default[0]['optimizer/lr']:g}) | "
-            f"{b_mean:.3f} ± {b_std:.3f} ({best_lr:g}) | {100 * d_mean / b_mean:.0f}% |"
+            f"{b_mean:.3f} ± {b_std:.3f} ({best_lr:g}) | {100 * d_mean / b_mean:.0f}% | {rates} |"
         )
     return "\n".join(lines)
 
