@@ -112,11 +112,24 @@ def test_loader_workers_start_inside_a_joblib_sweep_job() -> None:
     """hydra/launcher=parallel runs each job in a loky worker, whose default start method is loky's own: torch's
     loader workers cannot start through it, so an image-folder sweep (num_workers: 2) failed before its first batch.
     The loader settings name the platform's default context there (and nothing in an ordinary process)."""
-    from joblib import Parallel, delayed
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    [(batches, plain)] = Parallel(n_jobs=2, backend="loky")(
-        delayed(_loader_in_a_loky_worker)() for _ in range(1)
+    # in a fresh interpreter: a loky executor left alive in the test process (threads, a resource tracker) makes
+    # later forks in this process (DataLoader workers, process pools) prone to deadlock
+    script = (
+        "import json, sys; sys.path.insert(0, 'tests'); from joblib import Parallel, delayed; "
+        "from test_devices import _loader_in_a_loky_worker as f; "
+        "print(json.dumps(Parallel(n_jobs=2, backend='loky')(delayed(f)() for _ in range(1))))"
     )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [(batches, plain)] = json.loads(done.stdout.strip().splitlines()[-1])
     assert batches == [0, 1, 2, 3, 4, 5]
     assert "has no attribute 'env'" in plain  # the failure the explicit context avoids
     assert "multiprocessing_context" not in devices.loader_settings(2, False, None)

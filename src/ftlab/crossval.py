@@ -97,7 +97,11 @@ def label_issues(sweep: str | Path, top: int | None = 20) -> pd.DataFrame:
 
     frame = collect_oof(sweep)
     prob = frame[[c for c in frame.columns if c.startswith(PROB_PREFIX)]].to_numpy()
-    ranked = find_label_issues(frame["label"].to_numpy(), prob, return_indices_ranked_by="self_confidence")
+    # n_jobs=1: cleanlab's default forks a process pool, which can deadlock when forked from a process with live
+    # threads (torch's, a joblib executor's: seen as a hung test); the out-of-fold table is small
+    ranked = find_label_issues(
+        frame["label"].to_numpy(), prob, return_indices_ranked_by="self_confidence", n_jobs=1
+    )
     issues = frame.iloc[ranked][["index", "fold", "label", "predicted"]].copy()
     issues["label_prob"] = prob[ranked, frame["label"].to_numpy()[ranked]]
     return issues.reset_index(drop=True).head(top) if top else issues.reset_index(drop=True)
