@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,16 @@ def _no_hydra_state_left_behind():
     """A test that runs a Hydra app in-process (a multirun especially) leaves Hydra's singletons set; the next
     test would then see a Hydra job (``ftlab.runs.jobs.is_multirun()`` true) that is not there. The environment is
     restored too: Lightning's cluster environments write MASTER_ADDR/MASTER_PORT into it, and a later DDP run
-    (whose ranks inherit it) would try to meet there."""
+    (whose ranks inherit it) would try to meet there. So is the SIGINT handler: Lightning ignores SIGINT after a
+    KeyboardInterrupt in fit and leaves it at the OS default after a DDP teardown, and a process a later test starts
+    would inherit an ignored SIGINT (Ctrl-C tests then see nothing happen)."""
     environment = dict(os.environ)
+    sigint = signal.getsignal(signal.SIGINT)
     yield
     os.environ.clear()
     os.environ.update(environment)
+    if signal.getsignal(signal.SIGINT) is not sigint and sigint is not None:
+        signal.signal(signal.SIGINT, sigint)
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 

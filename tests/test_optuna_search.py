@@ -53,6 +53,11 @@ from ftlab.search import register_sweeper
 register_sweeper()
 
 
+# Ctrl-C as from a shell: a process started by a test worker can inherit an ignored SIGINT (Lightning ignores it
+# once a fit saw a KeyboardInterrupt), and then the SIGINT below would do nothing
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @hydra.main(version_base="1.3", config_path=".", config_name="search")
 def main(cfg):
     trial = int(os.environ["FTLAB_OPTUNA_TRIAL"])
