@@ -100,7 +100,60 @@ def _image_skip() -> str | None:
 
 
 def build(quick: bool, cache_dir: str, gpu: bool = False) -> list[Case]:
-    """MiniLM on Rotten Tomatoes (full, head_only, freeze_bottom k=4); EfficientNet-Lite0 on MNIST-5k."""
+    """MiniLM on Rotten Tomatoes (full, head_only, freeze_bottom k=4); EfficientNet-Lite0 on MNIST-5k.
+
+    ``gpu`` (not quick): the GPU suite instead (:func:`gpu_cases`)."""
+    if gpu and not quick:
+        return gpu_cases(cache_dir)
+    return _cpu_suite(quick, cache_dir, gpu)
+
+
+# The GPU suite's ftlab variants beside the plain loop and HF Trainer: ftlab as configured, compiled (torch.compile's
+# default mode) and compiled with CUDA graphs (mode reduce-overhead; one graph per batch width, widths in multiples
+# of 8 on a GPU). Compilation happens in the warm-up steps, outside the timed window.
+COMPILED = {
+    "ftlab_compile": ("ftlab", ["compile=true"]),
+    "ftlab_cudagraphs": ("ftlab", ["compile=reduce-overhead"]),
+}
+
+
+def gpu_cases(cache_dir: str) -> list[Case]:
+    """Full fine-tuning in bf16 on one GPU: MiniLM at batch 32 and 128 (max length 64) and a BERT-base-sized model
+    with random weights (12 layers, hidden 768; MiniLM's vocabulary) at batch 32 and max length 128; each ftlab vs
+    the plain loop vs HF Trainer. The ``/compile`` cases (one repetition each: compiling takes most of their time)
+    add ftlab compiled and ftlab with CUDA graphs beside ftlab and the plain loop."""
+    reviews = ["data=rotten_tomatoes", "data.max_train_examples=null", "finetune=full"]
+    minilm = ["model=minilm", *reviews, "data.max_length=64"]
+    bert_base = [
+        "model=minilm",
+        "model.backbone.pretrained=false",
+        "+model.backbone.config_overrides={hidden_size:768,num_hidden_layers:12,num_attention_heads:12,"
+        "intermediate_size:3072}",
+        *reviews,
+        "data.max_length=128",
+    ]
+    sized = [
+        ("minilm_rt/full", minilm, 32),
+        ("minilm_rt_b128/full", minilm, 128),
+        ("bert_base_rt128/full", bert_base, 32),
+    ]
+    built = [Case(name, [*o, *_common(cache_dir, b, True)], b) for name, o, b in sized]
+    compiled = [
+        Case(
+            name.replace("/full", "/compile"),
+            [*o, *_common(cache_dir, b, True)],
+            b,
+            ("ftlab", "plain", *COMPILED),
+            variants=dict(COMPILED),
+            repetitions=1,
+            warmup=64,  # compilation, and a CUDA graph recorded for every width, before the timed steps
+        )
+        for name, o, b in sized
+    ]
+    return [*built, *compiled]
+
+
+def _cpu_suite(quick: bool, cache_dir: str, gpu: bool) -> list[Case]:
     if quick:
         text = [
             "model=tiny_bert",

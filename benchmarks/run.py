@@ -184,7 +184,8 @@ def table(results: list[dict[str, Any]], peak: float, gpu: bool = False) -> str:
     lines = [
         f"Matmul peak ({what}): {peak / 1e9:.1f} GFLOP/s",
         "",
-        "| case | runner | examples/s (median) | ms/step | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s | % of matmul peak |",
+        "| case | runner | examples/s (median) | ms/step | first runner / this one (median ratio) | peak RSS (MB) | GFLOP/s "
+        + ("| MFU (% of the bf16 matmul peak) |" if gpu else "| % of matmul peak |"),
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for res in results:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ftlab.checks.signatures import Spec, _union, spec_of, target_spec
+from ftlab.utils.devices import COMPILE_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -37,7 +38,7 @@ OWN_KEYS: dict[str, dict[str, Any]] = {
         "monitor_mode": Literal["min", "max"],
         "save_backbone": bool,
         "resume": str | bool | None,  # true: the sweep variant (ftlab.runs.jobs)
-        "compile": bool,
+        "compile": bool | Literal[COMPILE_MODES],  # type: ignore[valid-type]
         "malloc_tuning": bool,
         "feature_cache": bool | Literal["prefix"],
         "required": list[str],

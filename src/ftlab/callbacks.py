@@ -130,7 +130,38 @@ class BestScore(Callback):
         self.best, self.best_epoch = state_dict["best"], state_dict["best_epoch"]
 
 
-class LogProgress(ProgressBar):
+STEP_LOSS = "train/loss_step"
+
+
+class StepLoss:
+    """Adds the logged training loss to a progress bar's values, read back to the host once per logged value.
+
+    ftlab logs ``train/loss_step`` without ``prog_bar`` (every ``log_every_n_steps``): Lightning converts every
+    progress-bar value to a Python number after every step, logged then or not, and on a GPU each conversion waits
+    for the device. The bars here take the value from ``callback_metrics`` (still a tensor) and convert a new one
+    once."""
+
+    _step_loss: tuple[torch.Tensor, float] | None = None
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        value = trainer.callback_metrics.get(STEP_LOSS)
+        if isinstance(value, torch.Tensor):
+            if self._step_loss is None or self._step_loss[0] is not value:
+                self._step_loss = (value, float(value))
+            metrics = {STEP_LOSS: self._step_loss[1], **metrics}
+        return metrics
+
+
+class RichBar(StepLoss, RichProgressBar):
+    """Lightning's rich bar with the step loss (:class:`StepLoss`)."""
+
+
+class TQDMBar(StepLoss, TQDMProgressBar):
+    """Lightning's tqdm bar with the step loss (:class:`StepLoss`)."""
+
+
+class LogProgress(StepLoss, ProgressBar):
     """One log line per epoch (and every ``every_n_steps`` steps): readable in files, CI logs and SLURM output."""
 
     def __init__(self, every_n_steps: int = 50):
@@ -174,9 +205,9 @@ def progress_bar(kind: str = "auto", every_n_steps: int = 50) -> ProgressBar:
     if kind == "auto":
         kind = "rich" if sys.stdout.isatty() else "log"
     if kind == "rich":
-        return RichProgressBar()
+        return RichBar()
     if kind == "tqdm":
-        return TQDMProgressBar()
+        return TQDMBar()
     if kind == "log":
         return LogProgress(every_n_steps)
     raise ConfigError(f"callbacks.progress_bar.kind={kind!r} is not one of auto, rich, tqdm, log.")

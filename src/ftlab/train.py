@@ -29,7 +29,7 @@ from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
 from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
-from ftlab.utils.devices import resolve_precision
+from ftlab.utils.devices import compile_backbone, resolve_precision
 from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import atomic_write
 
@@ -112,8 +112,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         100 * counts["trainable_fraction"],
     )
 
-    if cfg.get("compile"):  # in place (Module.compile), so parameter names and checkpoints stay the same
-        module.backbone.compile()
+    compile_backbone(module.backbone, cfg.get("compile"))
     best = BestScore(cfg.monitor, cfg.monitor_mode)
     callbacks = [instantiate(c) for c in (cfg.callbacks or {}).values() if c] + [EpochSeed(cfg.seed), best]
     # a job of an Optuna search: report each validation to its trial

@@ -119,3 +119,22 @@ def worker_context() -> Any:
     if method is None or method in platform:
         return None
     return multiprocessing.get_context(platform[0])
+
+
+# ``compile=<mode>``: torch.compile's own modes. reduce-overhead records the compiled backbone's kernels as CUDA graphs
+# (one launch per graph instead of hundreds a step; a graph per batch shape, so few shapes: widths in multiples of 8).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_backbone(backbone: torch.nn.Module, setting: Any) -> None:
+    """``compile``: false (nothing), true (torch.compile's default mode) or one of :data:`COMPILE_MODES`.
+
+    In place (``Module.compile``), so parameter names and checkpoints stay the same."""
+    if setting is None or setting is False:
+        return
+    if setting is not True and setting not in COMPILE_MODES:
+        raise ConfigError(
+            f"compile={setting!r} is not a setting: use false, true or one of torch.compile's modes "
+            f"({', '.join(COMPILE_MODES)}), e.g. compile=reduce-overhead."
+        )
+    backbone.compile(mode=None if setting is True else str(setting))
