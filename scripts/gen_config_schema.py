@@ -39,6 +39,9 @@ OWN_KEYS: dict[str, dict[str, Any]] = {
         "save_backbone": bool,
         "resume": str | bool | None,  # true: the sweep variant (ftlab.runs.jobs)
         "compile": bool | Literal[COMPILE_MODES],  # type: ignore[valid-type]
+        "auto_epochs.min_steps": int,
+        "auto_epochs.min": int,
+        "auto_epochs.max": int,
         "malloc_tuning": bool,
         "feature_cache": bool | Literal["prefix"],
         "required": list[str],
@@ -113,6 +116,7 @@ CHOICES: dict[str, dict[str, Any]] = {
     "ftlab.finetuning.PeftAdapter": {"method": "ftlab.finetuning.adapters:METHODS"},
     "ftlab.models.schedules.warmup_schedule": {"name": "ftlab.models.schedules:WARMUP_SCHEDULES"},
     "ftlab.callbacks.progress_bar": {"kind": ("auto", "rich", "tqdm", "log")},
+    "pytorch_lightning.Trainer": {"max_epochs": ("auto",)},  # ftlab.utils.budget
 }
 # module.* are the options of the task that data.task picks (ftlab.tasks); these its constructors get from code
 TASK_ARGS_FROM_CODE = ("self", "num_labels", "label_names", "class_counts")

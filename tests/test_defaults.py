@@ -8,15 +8,18 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tests.conftest import compose_cfg, tiny_text_overrides
+from tests.conftest import compose_cfg, run_cli, tiny_text_overrides
 
 from ftlab.data.image import ImagePreprocessing, build_transform
 from ftlab.data.image_size import auto_input_size
 from ftlab.lr_finder import CURVE_FILE, PLOT_FILE, tuned_lr
 from ftlab.train import train
+from ftlab.utils.budget import auto_epochs, steps_per_epoch
+from ftlab.utils.errors import ConfigError
 
 
 @pytest.mark.parametrize(
@@ -249,3 +252,58 @@ def test_the_panel_summary_compares_defaults_with_the_best_rate(tmp_path):
         "| 0.0001: 0.710, 0.001: 0.820, 0.01: 0.810 |"
     )
     assert "(incomplete)" in rows["noun_share"]
+
+
+@pytest.mark.parametrize(
+    ("per_epoch", "expected"),
+    [(45, 14), (8, 50), (400, 2), (600, 2), (100, 6)],  # digits' 45 steps an epoch: 14 epochs for 600 steps
+)
+def test_auto_epochs_count_steps_within_bounds(per_epoch, expected):
+    assert auto_epochs(per_epoch, min_steps=600, least=2, most=50) == expected
+
+
+def test_steps_per_epoch_follow_devices_limits_and_accumulation():
+    class Trainer:
+        world_size, limit_train_batches, accumulate_grad_batches = 2, 1.0, 1
+
+    assert steps_per_epoch(101, Trainer()) == 51  # each of 2 ranks gets ceil(101 / 2) batches
+    Trainer.limit_train_batches, Trainer.accumulate_grad_batches = 0.5, 2
+    assert steps_per_epoch(100, Trainer()) == 13  # 25 batches a rank, 2 per step
+    Trainer.limit_train_batches = 4
+    assert steps_per_epoch(100, Trainer()) == 2
+
+
+def test_max_epochs_auto_trains_for_the_steps_asked(reviews_csv, tmp_path):
+    """80 reviews, 64 for training at batch 8: 8 steps an epoch, so 20 steps need 3 epochs; recorded in
+    metrics.json, and the trainer ran exactly those (early stopping off)."""
+    overrides = [
+        *tiny_text_overrides(reviews_csv, tmp_path),
+        "trainer.max_epochs=auto",
+        "auto_epochs.min_steps=20",
+        "callbacks.early_stopping=null",
+    ]
+    metrics = train(compose_cfg(overrides, tmp_path / "run"))
+    assert metrics["trainer/max_epochs"] == 3
+    logged = pd.read_csv(next((tmp_path / "run").rglob("metrics.csv")))
+    assert sorted(logged.dropna(subset=["train/loss_epoch"])["epoch"].astype(int)) == [0, 1, 2]
+    assert "trainer/max_epochs" not in train(
+        compose_cfg(tiny_text_overrides(reviews_csv, tmp_path), tmp_path / "b")
+    )
+
+
+def test_auto_epochs_bounds_are_checked(reviews_csv, tmp_path):
+    overrides = [
+        *tiny_text_overrides(reviews_csv, tmp_path),
+        "trainer.max_epochs=auto",
+        "auto_epochs.min=5",
+        "auto_epochs.max=3",
+    ]
+    with pytest.raises(ConfigError, match=r"auto_epochs=.*min <= max"):
+        train(compose_cfg(overrides, tmp_path / "run"))
+
+
+def test_the_config_check_takes_auto_epochs_and_names_it(tmp_path):
+    done = run_cli("train", ["trainer.max_epochs=forever"], cwd=tmp_path, timeout=120)
+    assert done.returncode != 0 and "trainer.max_epochs" in done.stderr and "'auto'" in done.stderr, (
+        done.stderr[-2000:]
+    )

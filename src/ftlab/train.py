@@ -29,6 +29,7 @@ from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
 from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
+from ftlab.utils.budget import deferred, resolve_max_epochs
 from ftlab.utils.devices import compile_backbone, resolve_precision
 from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import atomic_write
@@ -123,8 +124,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
     # _instantiate: a strategy's ConfigError (e.g. FSDP inside a multirun) reaches the user as itself
     trainer: pl.Trainer = _instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision, **deferred(cfg)
     )
+    auto_epochs = resolve_max_epochs(cfg, trainer, datamodule)  # trainer.max_epochs=auto (utils/budget.py)
     if (cfg.get("distill") or {}).get("teacher"):  # the teacher's logits computed once (ftlab.distill)
         datamodule = attach_teacher(
             cfg.distill, module, datamodule, cfg.paths.cache_dir, trainer.strategy.root_device
@@ -179,6 +181,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     metrics.update(best_record, monitor=cfg.monitor)
     metrics["task"] = module.task.name
     metrics.update(_optimizer_settings(module))
+    if auto_epochs is not None:
+        metrics["trainer/max_epochs"] = auto_epochs
     metrics.update(counts)
     metrics.update(setfit)
     metrics.update(

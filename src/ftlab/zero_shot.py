@@ -25,6 +25,7 @@ from ftlab.callbacks import BestScore
 from ftlab.models.module import FinetuneModule
 from ftlab.runs import folder
 from ftlab.runs.rebuild import build_module
+from ftlab.utils.budget import deferred
 from ftlab.utils.devices import resolve_precision
 from ftlab.utils.errors import ConfigError
 
@@ -174,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(c) for c in (cfg.logger or {}).values() if c]
     precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
     trainer: pl.Trainer = _instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision, **deferred(cfg)
     )
     trainer.validate(module, datamodule=loaders, verbose=False)
     tested = trainer.test(module, datamodule=loaders, verbose=False)
