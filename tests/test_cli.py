@@ -48,7 +48,10 @@ def test_help_lists_ftlab_groups_and_the_users_own(tmp_path, monkeypatch, capsys
 @pytest.mark.parametrize(
     ("args", "words"),
     [
-        (["trainer.max_epochs=abc"], ["trainer.max_epochs='abc'", "takes an integer or null"]),
+        (
+            ["trainer.max_epochs=abc"],
+            ["trainer.max_epochs='abc'", "takes one of 'auto' or an integer or null"],
+        ),
         (["trainer.max_epoch=3"], ["trainer.max_epoch=3", "Did you mean trainer.max_epochs?"]),  # no + needed
         (["callbacks.early_stopping.patience=soon"], ["callbacks.early_stopping.patience='soon'"]),
         (["data=no_such_data"], ["Could not find 'data/no_such_data'", "rotten_tomatoes"]),

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BAD = [
     (
         ["trainer.max_epochs=abc"],
-        ["trainer.max_epochs='abc'", "Trainer's max_epochs takes an integer or null"],
+        ["trainer.max_epochs='abc'", "Trainer's max_epochs takes one of 'auto' or an integer or null"],
     ),
     (["data.max_train_examples=lots"], ["data.max_train_examples='lots'", "an integer or null"]),
     (["optimizer.lr=fast"], ["optimizer.lr='fast'", "AdamW's lr takes a number"]),
@@ -187,9 +187,10 @@ def test_schema_matches_the_live_signatures():
     # the check reads the schema, so the schema must hold what the real constructors take
     schema = load_schema()
     trainer = schema["targets"][schema["aliases"]["pytorch_lightning.Trainer"]]
+    # Lightning's int or null, and ftlab's trainer.max_epochs=auto (ftlab.utils.budget)
     assert trainer["params"]["max_epochs"] == {
         "kind": "union",
-        "options": [{"kind": "int"}, {"kind": "none"}],
+        "options": [{"kind": "choice", "values": ["auto"]}, {"kind": "int"}, {"kind": "none"}],
     }
     assert not trainer["var_keyword"] and "callbacks" in trainer["params"]
     pooling = schema["targets"]["ftlab.models.backbones.text.HFTextBackbone"]["params"]["pooling"]
