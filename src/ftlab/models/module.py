@@ -11,6 +11,7 @@ import torch
 import torchmetrics
 from torch import nn
 
+from ftlab.callbacks import STEP_LOSS
 from ftlab.finetuning.distributed import distributed_keep_grad
 from ftlab.finetuning.groups import (
     build_groups,
@@ -193,7 +194,7 @@ class FinetuneModule(pl.LightningModule):
             # loss of the global batch, as one process would log it (one all-reduce per logged step)
             # not prog_bar: Lightning would read a progress-bar value back to the host after every step, also at
             # steps that log nothing (the progress bars show it from callback_metrics: ftlab.callbacks)
-            self.log("train/loss_step", value, on_step=True, on_epoch=False, sync_dist=True)
+            self.log(STEP_LOSS, value, on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
     def flush_metrics(self, stage: str) -> None:
