@@ -67,6 +67,9 @@ class Ring:
             )
         self.t0 = time.perf_counter()
 
+    def mark(self, phase: str) -> None:
+        """The end of a phase of the step: the ring times whole steps only (``step_profile.Probe`` times phases)."""
+
     def step_end(self) -> None:
         """One step done: record it if timed, hand the turn on, and wait for the next turn unless finished."""
         _sync()
@@ -177,9 +180,18 @@ def run_plain(cfg: DictConfig, warmup: int, steps: int, tail: int = 1) -> dict[s
 
 
 def plain_loop(
-    cfg: DictConfig, model: nn.Module, datamodule: Any, warmup: int, steps: int, tail: int = 1
+    cfg: DictConfig,
+    model: nn.Module,
+    datamodule: Any,
+    warmup: int,
+    steps: int,
+    tail: int = 1,
+    gate: Any = None,
 ) -> dict[str, Any]:
-    """The hand-written training loop of the plain runners (``run_plain``, ``llm_lora.run_plain_peft``)."""
+    """The hand-written training loop of the plain runners (``run_plain``, ``llm_lora.run_plain_peft``).
+
+    ``gate`` times the steps: by default this worker's :class:`Ring`; ``step_profile.Probe`` passes itself (the
+    same interface: ``start``, ``mark``, ``step_end``, ``finished``, ``result``) to time each phase."""
     device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
     bf16 = str(cfg.trainer.get("precision")).startswith("bf16")  # autocast, as Lightning's bf16-mixed
     model.to(device).train()
@@ -189,19 +201,24 @@ def plain_loop(
         params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
     )
     scheduler = _schedule(optimizer, warmup + steps + tail)
-    gate = ring()
-    gate.reset(warmup, steps, tail)
+    if gate is None:
+        gate = ring()
+        gate.reset(warmup, steps, tail)
     gate.start()
     while not gate.finished:
         for batch in datamodule.train_dataloader():
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            gate.mark("data")
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch)["loss"]
+            gate.mark("forward")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            gate.mark("backward")
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()
+            gate.mark("optimizer")
             gate.step_end()
             if gate.finished:
                 break

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 PHASES = ("data", "forward", "backward", "optimizer", "rest")
+TAIL = 2  # untimed steps after the timed ones (the runners tear down while the last timed step is recorded)
 # aten operators that read a device value back to the host (or size their output from one) on a CUDA device
 SYNCING_OPS = {
     "_local_scalar_dense",
@@ -94,6 +95,26 @@ class Probe:
     @property
     def counted(self) -> int:
         return 0 if self.cuda else min(5, self.steps // 3)
+
+    @property
+    def total(self) -> int:
+        return self.warmup + self.steps + TAIL
+
+    # the gate interface of runners.plain_loop (as runners.Ring): start, mark, step_end, finished, result
+    def start(self) -> None:
+        self.begin()
+
+    def step_end(self) -> None:
+        self.end()
+        if not self.finished:
+            self.begin()
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total
+
+    def result(self) -> dict[str, Any]:
+        return self.summary()
 
     def mark(self, phase: str) -> None:
         """The end of ``phase`` in the current step (host clock)."""
@@ -213,7 +234,7 @@ def run_ftlab(cfg: Any) -> None:
     p = probe()
     with tempfile.TemporaryDirectory() as tmp, open_dict(cfg):
         cfg.paths.output_dir = tmp
-        cfg.trainer.max_steps = p.warmup + p.steps + 2
+        cfg.trainer.max_steps = p.total
         cfg.trainer.max_epochs = -1
         cfg.callbacks["phase_marks"] = {"_target_": "step_profile.PhaseMarks"}
         cfg.callbacks["zz_end_of_step"] = {"_target_": "step_profile._EndOfStep"}
@@ -221,40 +242,13 @@ def run_ftlab(cfg: Any) -> None:
 
 
 def run_plain(cfg: Any) -> None:
-    """``runners.run_plain``'s loop with the same phase marks."""
+    """``runners.run_plain``'s loop, the probe timing its phases."""
     import runners
 
     backbone, head, datamodule = runners.build_parts(cfg)
     model = runners.Classifier(backbone, head, runners.frozen_groups(cfg, backbone))
-    device = torch.device("cuda" if cfg.trainer.accelerator == "gpu" else "cpu")
-    bf16 = str(cfg.trainer.get("precision")).startswith("bf16")
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay, fused=True
-    )
     p = probe()
-    total = p.warmup + p.steps + 2
-    scheduler = runners._schedule(optimizer, total)
-    p.begin()
-    while p.step < total:
-        for batch in datamodule.train_dataloader():
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            p.mark("data")
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch)["loss"]
-            p.mark("forward")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            p.mark("backward")
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            p.mark("optimizer")
-            p.end()
-            if p.step >= total:
-                break
-            p.begin()
+    runners.plain_loop(cfg, model, datamodule, p.warmup, p.steps, TAIL, gate=p)
 
 
 def _sync_warnings(p: Probe) -> None:
