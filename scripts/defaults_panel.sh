@@ -25,16 +25,19 @@ TEXT_LRS=1e-5,3e-5,3e-4,1e-3    # around the MiniLM preset (1e-4: the default ru
 for name in "${datasets[@]}"; do
   case $name in
     mnist5k|digits|lfw_faces)
-      args=(data=image_folder "data.root=$DATA/$name" model=efficientnet_lite0); lrs=$IMAGE_LRS ;;
+      args=(data=image_folder "data.root=$DATA/$name" model=efficientnet_lite0); lrs=$IMAGE_LRS; metric=test/acc ;;
     rotten_tomatoes|debates_2016)
-      args=(data=text_files "data.train_file=$DATA/$name.csv"); lrs=$TEXT_LRS ;;
+      args=(data=text_files "data.train_file=$DATA/$name.csv"); lrs=$TEXT_LRS; metric=test/acc ;;
     noun_share)  # regression: the task's monitor (val/mse, min) picks the checkpoint; the panel compares test/r2
       args=(data=text_files "data.train_file=$DATA/noun_share.csv" data.label_column=target data.task=regression)
-      lrs=$TEXT_LRS ;;
+      lrs=$TEXT_LRS; metric=test/r2 ;;
     wnut16)
-      args=(data=token_files "data.train_file=$DATA/wnut16.conll"); lrs=$TEXT_LRS ;;
+      args=(data=token_files "data.train_file=$DATA/wnut16.conll"); lrs=$TEXT_LRS; metric=test/f1 ;;
     *) echo "unknown panel dataset: $name" >&2; exit 2 ;;
   esac
   run_sweep "panel_${name}_default" name="panel_${name}_default" "${args[@]}" seed=1,2,3 "${extra[@]}"
+  defaults=$SWEEP
   run_sweep "panel_${name}_lr" name="panel_${name}_lr" "${args[@]}" "optimizer.lr=$lrs" seed=1,2,3 "${extra[@]}"
+  # the dataset's ftlab-report table (defaults, then each rate; mean ± std over the seeds) into the default sweep
+  report "$defaults" "$SWEEP" --metrics "$metric"
 done

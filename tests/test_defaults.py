@@ -163,8 +163,8 @@ def test_an_image_folder_run_trains_predicts_and_evaluates_at_the_size_auto_chos
 
 def test_the_panel_script_sweeps_defaults_and_five_rates_per_dataset(tmp_path):
     """scripts/defaults_panel.sh with a stand-in Python that records each sweep's command line: two sweeps per
-    dataset (defaults only; the four other learning rates of five), 3 seeds each, and every command composes to
-    the defaults."""
+    dataset (defaults only; the four other learning rates of five), 3 seeds each, every command composes to the
+    defaults, and each dataset's two sweeps end in one ftlab-report table."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -191,8 +191,18 @@ def test_the_panel_script_sweeps_defaults_and_five_rates_per_dataset(tmp_path):
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    calls = [line.split() for line in record.read_text().splitlines()]
-    assert len(calls) == 6 and all(c[:3] == ["-m", "ftlab.train", "-m"] for c in calls)
+    lines = [line.split() for line in record.read_text().splitlines()]
+    calls = [c for c in lines if c[:2] == ["-m", "ftlab.train"]]
+    reports = [c for c in lines if c[:2] == ["-m", "ftlab.report"]]
+    assert len(calls) == 6 and all(c[2] == "-m" for c in calls) and len(lines) == 9
+    # each dataset ends in its ftlab-report table: the default sweep, then the rate sweep, on the task's metric
+    sweeps = [next(a.split("=", 1)[1] for a in c if a.startswith("hydra.sweep.dir=")) for c in calls]
+    assert [r[2:] for r in reports] == [
+        [sweeps[0], sweeps[1], "--metrics", "test/acc"],
+        [sweeps[2], sweeps[3], "--metrics", "test/r2"],
+        [sweeps[4], sweeps[5], "--metrics", "test/f1"],
+    ]
+    assert lines.index(reports[0]) == 2  # after the dataset's two sweeps
     names = [next(a for a in c if a.startswith("name=")) for c in calls]
     assert names == [
         f"name=panel_{d}_{kind}" for d in ("mnist5k", "noun_share", "wnut16") for kind in ("default", "lr")
