@@ -4,6 +4,7 @@ search, the image input size and augmentation chosen from the images."""
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ftlab.data.image import ImagePreprocessing, build_transform
 from ftlab.data.image_size import auto_input_size
 from ftlab.lr_finder import CURVE_FILE, PLOT_FILE, tuned_lr
 from ftlab.train import train
-from ftlab.utils.budget import auto_epochs, steps_per_epoch
+from ftlab.utils.budget import auto_epochs, short_run_hint, steps_per_epoch
 from ftlab.utils.errors import ConfigError
 
 
@@ -317,3 +318,45 @@ def test_the_config_check_takes_auto_epochs_and_names_it(tmp_path):
     assert done.returncode != 0 and "trainer.max_epochs" in done.stderr and "'auto'" in done.stderr, (
         done.stderr[-2000:]
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "best_epoch", "steps", "hinted"),
+    [
+        ([], 1, 90, True),  # digits' 2 default epochs: best at the last one, 90 steps
+        ([], 0, 90, False),  # the best epoch came earlier: the run had stopped improving
+        ([], 1, 600, False),  # enough steps
+        (["auto_epochs.min_steps=1000"], 1, 600, True),
+        (["trainer.max_epochs=auto"], 1, 90, False),  # resolved to a number in a run; never hinted here
+        (["+trainer.max_steps=90"], 1, 90, False),  # a budget in steps was chosen
+        ([], None, 90, False),  # nothing validated
+        ([], 1, 0, False),  # the parent of spawned ranks saw no step
+    ],
+)
+def test_a_short_run_still_improving_is_told_what_to_set(overrides, best_epoch, steps, hinted):
+    class Trainer:
+        global_step = steps
+
+    hint = short_run_hint(compose_cfg(overrides), Trainer(), best_epoch)
+    assert (hint is not None) == hinted
+    if hinted:
+        assert "trainer.max_epochs=auto" in hint and f"after {steps} optimizer steps" in hint
+
+
+def test_a_one_epoch_run_logs_the_hint(reviews_csv, tmp_path, caplog):
+    """One epoch: its best epoch is its last, 8 steps: the run says what to set; the same run with
+    max_epochs=auto (resolved before training) does not."""
+    base = [*tiny_text_overrides(reviews_csv, tmp_path), "callbacks.early_stopping=null"]
+    with caplog.at_level(logging.WARNING, logger="ftlab.train"):
+        train(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "one"))
+    hints = [r.getMessage() for r in caplog.records if "trainer.max_epochs=auto" in r.getMessage()]
+    assert hints and "(1 of trainer.max_epochs=1), after 8 optimizer steps" in hints[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ftlab.train"):
+        train(
+            compose_cfg(
+                [*base, "trainer.max_epochs=auto", "auto_epochs.min_steps=8", "auto_epochs.min=1"],
+                tmp_path / "auto",
+            )
+        )
+    assert not [r for r in caplog.records if "trainer.max_epochs=auto" in r.getMessage()]

@@ -29,7 +29,7 @@ from ftlab.models.backbones.contract import Backbone
 from ftlab.runs import folder, jobs  # noqa: F401 - jobs registers the ${ftlab.*} resolvers configs use
 from ftlab.runs.rebuild import build_module
 from ftlab.utils.allocator import tune_malloc
-from ftlab.utils.budget import deferred, resolve_max_epochs
+from ftlab.utils.budget import deferred, resolve_max_epochs, short_run_hint
 from ftlab.utils.devices import compile_backbone, resolve_precision
 from ftlab.utils.errors import ConfigError
 from ftlab.utils.safe_files import atomic_write
@@ -155,6 +155,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if pruning is not None:
         pruning.check(trainer)  # a trial pruned in spawned ranks (ddp_spawn) stops here
     best_record = best.record(trainer)  # also from spawned ranks (ddp_spawn)
+    hint = short_run_hint(cfg, trainer, best_record.get("best_epoch"))
+    if hint and trainer.is_global_zero:
+        log.warning(hint)
 
     checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)
     has_best = checkpoint is not None and bool(checkpoint.best_model_path)

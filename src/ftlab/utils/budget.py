@@ -80,3 +80,27 @@ def resolve_max_epochs(cfg: DictConfig, trainer: Any, datamodule: Any) -> int | 
         most,
     )
     return epochs
+
+
+def short_run_hint(cfg: DictConfig, trainer: Any, best_epoch: int | None) -> str | None:
+    """A fixed number of epochs that ended while the run was still improving, after fewer optimizer steps than
+    ``auto_epochs.min_steps``: what to set instead (the defaults panel's misses, docs/defaults.md). None otherwise:
+    with ``max_epochs=auto``, a step budget (``max_steps``), an earlier best epoch, or enough steps."""
+    epochs = cfg.trainer.get("max_epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1 or best_epoch is None:
+        return None
+    if (cfg.trainer.get("max_steps") or -1) > 0 or best_epoch != epochs - 1:
+        return None
+    try:
+        min_steps = _settings(cfg)[0]
+    except ConfigError:
+        return None
+    steps = trainer.global_step  # 0 in the parent of spawned ranks (ddp_spawn): nothing to judge from there
+    if not 0 < steps < min_steps:
+        return None
+    return (
+        f"The best validation score came in the last epoch ({epochs} of trainer.max_epochs={epochs}), after "
+        f"{steps} optimizer steps: the run had not stopped improving. Small datasets usually need more updates "
+        f"than {epochs} epochs give; trainer.max_epochs=auto trains for at least {min_steps} steps (early stopping "
+        "still ends it sooner), or set trainer.max_epochs higher (docs/defaults.md)."
+    )
