@@ -327,7 +327,7 @@ def test_the_config_check_takes_auto_epochs_and_names_it(tmp_path):
         ([], 0, 90, False),  # the best epoch came earlier: the run had stopped improving
         ([], 1, 600, False),  # enough steps
         (["auto_epochs.min_steps=1000"], 1, 600, True),
-        (["trainer.max_epochs=auto"], 1, 90, False),  # resolved to a number in a run; never hinted here
+        (["trainer.max_epochs=auto"], 1, 90, False),  # not resolved (train() skips resolved auto runs too)
         (["+trainer.max_steps=90"], 1, 90, False),  # a budget in steps was chosen
         ([], None, 90, False),  # nothing validated
         ([], 1, 0, False),  # the parent of spawned ranks saw no step
@@ -344,8 +344,8 @@ def test_a_short_run_still_improving_is_told_what_to_set(overrides, best_epoch, 
 
 
 def test_a_one_epoch_run_logs_the_hint(reviews_csv, tmp_path, caplog):
-    """One epoch: its best epoch is its last, 8 steps: the run says what to set; the same run with
-    max_epochs=auto (resolved before training) does not."""
+    """One epoch: its best epoch is its last, 8 steps: the run says what to set. A max_epochs=auto run whose
+    length was capped below min_steps (auto_epochs.max=1: 8 of 20 steps) does not: it already has auto."""
     base = [*tiny_text_overrides(reviews_csv, tmp_path), "callbacks.early_stopping=null"]
     with caplog.at_level(logging.WARNING, logger="ftlab.train"):
         train(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "one"))
@@ -355,7 +355,13 @@ def test_a_one_epoch_run_logs_the_hint(reviews_csv, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ftlab.train"):
         train(
             compose_cfg(
-                [*base, "trainer.max_epochs=auto", "auto_epochs.min_steps=8", "auto_epochs.min=1"],
+                [
+                    *base,
+                    "trainer.max_epochs=auto",
+                    "auto_epochs.min_steps=20",
+                    "auto_epochs.min=1",
+                    "auto_epochs.max=1",
+                ],
                 tmp_path / "auto",
             )
         )

@@ -155,7 +155,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if pruning is not None:
         pruning.check(trainer)  # a trial pruned in spawned ranks (ddp_spawn) stops here
     best_record = best.record(trainer)  # also from spawned ranks (ddp_spawn)
-    hint = short_run_hint(cfg, trainer, best_record.get("best_epoch"))
+    # a fixed length still improving at its end (not an auto one: its length was chosen for it, maybe capped)
+    hint = None if auto_epochs is not None else short_run_hint(cfg, trainer, best_record.get("best_epoch"))
     if hint and trainer.is_global_zero:
         log.warning(hint)
 
