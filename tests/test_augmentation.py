@@ -149,6 +149,18 @@ def test_bad_options_are_config_errors():
         TextAugment.from_config({"n_aug": 0})
     with pytest.raises(ConfigError, match="data.mix.mode"):
         Mix.from_config({"mode": "mosaic"}, "classification")
+    with pytest.raises(
+        ConfigError, match=r"data.mix has unknown keys \['beta'\]; the keys are: \['alpha', 'mode'\]"
+    ):
+        Mix.from_config({"beta": 0.4}, "classification")
+    with pytest.raises(
+        ConfigError, match=r"data.mix='mixup' must be a mapping such as \{mode: mixup, alpha: 1.0\}"
+    ):
+        Mix.from_config("mixup", "classification")  # type: ignore[arg-type]
+    with pytest.raises(
+        ConfigError, match=r"data.text_augment=\['eda'\] must be a mapping such as \{ops: \[eda\]"
+    ):
+        TextAugment.from_config(["eda"])  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="data.task=multilabel"):
         Mix.from_config({"mode": "mixup"}, "multilabel")
     with pytest.raises(ConfigError, match="choose one or more"):

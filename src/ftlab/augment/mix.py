@@ -16,14 +16,14 @@ stream (dropout, random crops) is left as it was.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torchvision.transforms import v2
 
 from ftlab.augment.seeding import batch_seed
-from ftlab.utils.errors import ConfigError
+from ftlab.utils.errors import ConfigError, options_for
 
 MODES = ("none", "mixup", "cutmix", "both")
 
@@ -44,17 +44,10 @@ class Mix:
     @classmethod
     def from_config(cls, value: Mapping[str, Any] | None, task: str) -> Mix | None:
         """Check ``data.mix`` and build it; ``None`` (or ``{}``) means no mixing."""
-        if value is None or (isinstance(value, Mapping) and not value):
+        args = options_for(cls, value, "data.mix", "{mode: mixup, alpha: 1.0}")
+        if args is None:
             return None
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"data.mix={value!r} must be a mapping such as {{mode: mixup, alpha: 1.0}}, or null."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"data.mix has unknown keys {unknown}; the keys are: {sorted(known)}.")
-        made = cls(**dict(value))
+        made = cls(**args)
         if made.mode not in MODES:
             raise ConfigError(f"data.mix.mode={made.mode!r} is not one of {', '.join(MODES)}.")
         if made.mode == "none":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from ftlab.augment import text_ops
 from ftlab.augment.seeding import example_rng, untag
-from ftlab.utils.errors import ConfigError
+from ftlab.utils.errors import ConfigError, options_for
 
 OPS = ("eda", "char_noise")
 
@@ -56,17 +56,9 @@ class TextAugment:
     @classmethod
     def from_config(cls, value: Mapping[str, Any] | None) -> TextAugment | None:
         """Check ``data.text_augment`` and build it; ``None``, ``{}`` or ``ops: []`` mean no augmentation."""
-        if value is None or (isinstance(value, Mapping) and not value):
+        args = options_for(cls, value, "data.text_augment", "{ops: [eda], n_aug: 1}")
+        if args is None:
             return None
-        if not isinstance(value, Mapping):
-            raise ConfigError(
-                f"data.text_augment={value!r} must be a mapping such as {{ops: [eda], n_aug: 1}}, or null."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"data.text_augment has unknown keys {unknown}; the keys are: {sorted(known)}.")
-        args = dict(value)
         for key in ("ops", "char_ops"):
             if key in args:
                 items = args[key]
