@@ -347,12 +347,12 @@ def test_a_one_epoch_run_logs_the_hint(reviews_csv, tmp_path, caplog):
     """One epoch: its best epoch is its last, 8 steps: the run says what to set. A max_epochs=auto run whose
     length was capped below min_steps (auto_epochs.max=1: 8 of 20 steps) does not: it already has auto."""
     base = [*tiny_text_overrides(reviews_csv, tmp_path), "callbacks.early_stopping=null"]
-    with caplog.at_level(logging.WARNING, logger="ftlab.train"):
+    with caplog.at_level(logging.INFO, logger="ftlab.train"):
         train(compose_cfg([*base, "trainer.max_epochs=1"], tmp_path / "one"))
     hints = [r.getMessage() for r in caplog.records if "trainer.max_epochs=auto" in r.getMessage()]
     assert hints and "(1 of trainer.max_epochs=1), after 8 optimizer steps" in hints[0]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ftlab.train"):
+    with caplog.at_level(logging.INFO, logger="ftlab.train"):
         train(
             compose_cfg(
                 [

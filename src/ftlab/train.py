@@ -157,8 +157,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best_record = best.record(trainer)  # also from spawned ranks (ddp_spawn)
     # a fixed length still improving at its end (not an auto one: its length was chosen for it, maybe capped)
     hint = None if auto_epochs is not None else short_run_hint(cfg, trainer, best_record.get("best_epoch"))
-    if hint and trainer.is_global_zero:
-        log.warning(hint)
+    if hint and trainer.is_global_zero:  # a note, not a warning: most 2-epoch runs end still improving
+        log.info(hint)
 
     checkpoint: Any = trainer.checkpoint_callback  # the first ModelCheckpoint (callbacks/default: best)
     has_best = checkpoint is not None and bool(checkpoint.best_model_path)
